@@ -1,0 +1,173 @@
+"""
+:class:`NamespaceFilesMixin`: stage namespace files before any operator's ``execute()``.
+
+Combine it in front of an operator class::
+
+    class StagedBashOperator(NamespaceFilesMixin, BashOperator):
+        pass
+
+    StagedBashOperator(
+        task_id="report",
+        namespaces=["s3://bucket/ns/shared", "s3://bucket/ns/team-a"],
+        namespace_include=["scripts/**", "*.sql"],
+        bash_command="python scripts/report.py",
+    )
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kestra_perf_provider.exceptions import NamespaceFilesConfigError
+from kestra_perf_provider.namespace_files.planning import IfExists, PathFilter
+from kestra_perf_provider.namespace_files.settings import load_settings
+from kestra_perf_provider.namespace_files.sources import coerce_namespaces
+from kestra_perf_provider.namespace_files.staging import StagingResult, stage_namespace_files
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+log = logging.getLogger(__name__)
+
+NAMESPACE_TEMPLATE_FIELDS = ("namespaces", "namespace_include", "namespace_exclude", "namespace_working_dir")
+CONTEXT_KEY = "namespace_files_dir"
+
+
+def _is_templated(value: Any) -> bool:
+    if isinstance(value, str):
+        return "{{" in value or "{%" in value
+    if isinstance(value, dict):
+        return any(_is_templated(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_is_templated(item) for item in value)
+    return False
+
+
+class NamespaceFilesMixin:
+    """
+    Stage the files of one or more namespaces into the task's working directory before ``execute()``.
+
+    The working directory becomes the process's current directory while ``execute()`` runs, its path
+    is added to the task context as ``namespace_files_dir``, and operators with a ``cwd`` attribute
+    (``BashOperator``) run their command there. Argument names carry a ``namespace_`` prefix so they
+    cannot collide with the combined operator's own ``include``, ``exclude`` or ``if_exists``.
+
+    :param namespaces: one or more namespace roots (templated): fsspec URLs, :class:`Namespace`
+        objects or mappings with ``url``, ``conn_id``, ``storage_options`` and ``folder``. A later
+        namespace overrides an earlier one on the same relative path.
+    :param namespace_include: glob patterns of files to stage (templated); default every file
+        outside dot-folders. Semantics: :mod:`kestra_perf_provider.namespace_files.planning`.
+    :param namespace_exclude: glob patterns of files to leave out (templated).
+    :param namespace_if_exists: ``overwrite`` (default), ``skip``, ``warn`` or ``fail`` when a file is
+        already in the working directory.
+    :param folder_per_namespace: stage each namespace into a subfolder named after its last path
+        segment (or its ``folder``) instead of merging them.
+    :param namespace_working_dir: folder to stage into and run in (templated); kept after the task.
+        When unset, each try gets a fresh folder under ``[namespace_files] working_dir_root`` that
+        is removed after ``execute()`` unless ``keep_namespace_working_dir`` is set.
+    :param keep_namespace_working_dir: keep the fresh per-try folder, for debugging.
+    :param namespace_parallel_downloads: per-task cap for this task only; a float is a fraction of the
+        host budget, an int a number of downloads.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        fields = tuple(getattr(cls, "template_fields", ()))
+        cls.template_fields = fields + tuple(name for name in NAMESPACE_TEMPLATE_FIELDS if name not in fields)
+        if cls.__init__ is NamespaceFilesMixin.__init__:
+            # BaseOperatorMeta wraps __init__ with apply_defaults only when the class's __init__
+            # differs from its first base's, and the mixin is that first base; so the combined class
+            # gets its own __init__ to be wrapped.
+            def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+                super(cls, self).__init__(*args, **kwargs)  # type: ignore[misc]
+
+            __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+            cls.__init__ = __init__  # type: ignore[method-assign]
+
+    def __init__(
+        self,
+        *,
+        namespaces: Any,
+        namespace_include: Sequence[str] | str | None = None,
+        namespace_exclude: Sequence[str] | str | None = None,
+        namespace_if_exists: IfExists | str = IfExists.OVERWRITE,
+        folder_per_namespace: bool = False,
+        namespace_working_dir: str | os.PathLike[str] | None = None,
+        keep_namespace_working_dir: bool = False,
+        namespace_parallel_downloads: int | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.namespaces = namespaces
+        self.namespace_include = namespace_include
+        self.namespace_exclude = namespace_exclude
+        self.folder_per_namespace = folder_per_namespace
+        self.namespace_working_dir = None if namespace_working_dir is None else str(namespace_working_dir)
+        self.keep_namespace_working_dir = keep_namespace_working_dir
+        self.namespace_parallel_downloads = namespace_parallel_downloads
+        self.namespace_files_dir: Path | None = None
+        self.namespace_files_result: StagingResult | None = None
+        task = getattr(self, "task_id", type(self).__name__)
+        try:
+            # Checking at parse time turns a typo into a DAG import error instead of a failed run.
+            self.namespace_if_exists = IfExists.parse(namespace_if_exists)
+            if not _is_templated(namespaces):
+                coerce_namespaces(namespaces)
+            for patterns in (namespace_include, namespace_exclude):
+                if not _is_templated(patterns):
+                    PathFilter(patterns)
+        except NamespaceFilesConfigError as err:
+            raise NamespaceFilesConfigError(f"Task {task!r}: {err}") from err
+
+    def execute(self, context: Context) -> Any:
+        settings = load_settings(task_parallel_downloads=self.namespace_parallel_downloads)
+        directory, temporary = self._make_working_dir(context, settings.working_dir_root)
+        previous = os.getcwd()
+        try:
+            self.namespace_files_result = stage_namespace_files(
+                self.namespaces,
+                directory,
+                include=self.namespace_include,
+                exclude=self.namespace_exclude,
+                if_exists=self.namespace_if_exists,
+                folder_per_namespace=self.folder_per_namespace,
+                settings=settings,
+            )
+            self.namespace_files_dir = directory
+            context[CONTEXT_KEY] = str(directory)  # type: ignore[literal-required]
+            self.on_namespace_files_staged(directory, context)
+            os.chdir(directory)
+            return super().execute(context)  # type: ignore[misc]
+        finally:
+            os.chdir(previous)
+            if temporary and not self.keep_namespace_working_dir:
+                shutil.rmtree(directory, ignore_errors=True)
+
+    def on_namespace_files_staged(self, directory: Path, context: Context) -> None:
+        """
+        Point the operator at the staged working directory; override to do more.
+
+        The default sets ``cwd`` on operators that have one, such as ``BashOperator``.
+        """
+        if hasattr(self, "cwd"):
+            self.cwd = str(directory)
+
+    def _make_working_dir(self, context: Context, root: Path) -> tuple[Path, bool]:
+        if self.namespace_working_dir:
+            directory = Path(self.namespace_working_dir).expanduser()
+            directory.mkdir(parents=True, exist_ok=True)
+            return directory, False
+        root.mkdir(parents=True, exist_ok=True)
+        ti = context.get("ti")
+        parts = [getattr(self, "dag_id", None), getattr(self, "task_id", None)]
+        if ti is not None:
+            parts += [getattr(ti, "map_index", -1), getattr(ti, "try_number", 0)]
+        prefix = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(str(part) for part in parts if part is not None))
+        return Path(tempfile.mkdtemp(prefix=f"airflow-nsf-{prefix[:80]}-", dir=root)), True

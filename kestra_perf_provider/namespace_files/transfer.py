@@ -1,0 +1,366 @@
+"""
+Transfer: the parallel download engine of namespace-file staging.
+
+Each download holds one slot of the host-wide budget (:mod:`.budget`) while its request is in flight,
+and a staging runs at most ``task_cap`` downloads at once. Async fsspec filesystems (s3fs, gcsfs,
+http) run on their own event loop with a sliding window of ``task_cap`` coroutines: a new transfer
+starts as soon as one ends, instead of waiting for a whole batch as ``fs.get`` does. Sync ones
+(local, sftp) run in a thread pool of ``task_cap`` threads.
+
+Every file is written to a temporary name in its destination folder and renamed when complete, so an
+interrupted or failed staging never leaves a partial file under a final name. Transient errors
+(throttling, connection reset, timeouts, 5xx) are retried with exponential backoff and full jitter;
+the first permanent error cancels the remaining transfers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import os
+import random
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kestra_perf_provider.exceptions import StagingError
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+    from kestra_perf_provider.namespace_files.budget import HostBudget
+
+log = logging.getLogger(__name__)
+
+TEMP_SUFFIX = ".part"
+
+# S3 and GCS error codes that mean "try again later" rather than "this request is wrong".
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "503",
+        "500",
+        "502",
+        "504",
+        "429",
+    }
+)
+# Connection-level failures of botocore, aiohttp and the standard library, matched by class name so
+# that neither client library is a hard dependency.
+_TRANSIENT_CLASS_NAMES = frozenset(
+    {
+        "HTTPClientError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "IncompleteReadError",
+        "ResponseStreamingError",
+        "ResponseParserError",
+        "ClientPayloadError",
+        "ClientConnectionError",
+        "ServerDisconnectedError",
+        "ClientOSError",
+        "ServerTimeoutError",
+        "IncompleteRead",
+        "FSTimeoutError",
+        "IncompleteDownloadError",
+    }
+)
+_PERMANENT_TYPES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class IncompleteDownloadError(OSError):
+    """A download ended with fewer or more bytes than the listing reported."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """
+    Tell whether a download error is worth retrying.
+
+    s3fs turns botocore's ``ClientError`` into ``OSError`` and keeps the original as ``__cause__``,
+    so the whole cause chain is inspected; service codes are compared as strings because botocore
+    reports HTTP statuses as ``'503'``.
+    """
+    if isinstance(error, _PERMANENT_TYPES):
+        return False
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConnectionError, TimeoutError)):
+            return True
+        if any(cls.__name__ in _TRANSIENT_CLASS_NAMES for cls in type(current).__mro__):
+            return True
+        response = getattr(current, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _TRANSIENT_CODES or status == 429 or (isinstance(status, int) and status >= 500):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter between the tries of one file."""
+
+    max_retries: int = 4
+    initial_delay: float = 0.2
+    max_delay: float = 10.0
+
+    def delay(self, retry: int) -> float:
+        """Return the random sleep before retry number ``retry`` (1-based), in seconds."""
+        return random.uniform(0, min(self.max_delay, self.initial_delay * 2 ** (retry - 1)))
+
+
+@dataclass(frozen=True)
+class TransferJob:
+    """One file to download: source path on ``fs`` and final local path."""
+
+    fs: AbstractFileSystem
+    source_path: str
+    destination: Path
+    size: int | None
+    description: str  # names the file and its namespace in errors
+
+
+@dataclass
+class TransferStats:
+    """Counters of one run of the engine."""
+
+    files: int = 0
+    bytes: int = 0
+    retries: int = 0
+    peak_in_flight: int = 0
+    _in_flight: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def started(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+
+    def ended(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def completed(self, size: int) -> None:
+        with self._lock:
+            self.files += 1
+            self.bytes += size
+
+    def retried(self) -> None:
+        with self._lock:
+            self.retries += 1
+
+
+def temporary_path(destination: Path) -> Path:
+    """Return a fresh hidden name beside ``destination`` for its download in progress."""
+    return destination.parent / f".nsf-{uuid.uuid4().hex[:16]}{TEMP_SUFFIX}"
+
+
+def _finish(temporary: Path, job: TransferJob) -> int:
+    size = os.path.getsize(temporary)
+    if job.size is not None and size != job.size:
+        raise IncompleteDownloadError(f"received {size} bytes, the listing reported {job.size}")
+    os.replace(temporary, job.destination)
+    return size
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _failure(job: TransferJob, error: BaseException, tries: int) -> StagingError:
+    kind = "transient" if is_transient(error) else "permanent"
+    return StagingError(
+        f"Failed to download {job.description} after {tries} tr{'y' if tries == 1 else 'ies'} "
+        f"({kind} error): {type(error).__name__}: {error}"
+    )
+
+
+def run_transfers(
+    jobs: Sequence[TransferJob],
+    *,
+    budget: HostBudget,
+    task_cap: int,
+    retry: RetryPolicy,
+    stats: TransferStats | None = None,
+) -> TransferStats:
+    """
+    Download every job, at most ``task_cap`` at once, each holding a host budget slot while in flight.
+
+    Jobs are grouped by filesystem instance and the groups run one after another, so the cap holds
+    for the whole staging.
+
+    :raises StagingError: a file failed with a permanent error or ran out of retries; the other
+        transfers were cancelled and their temporary files removed.
+    """
+    stats = stats or TransferStats()
+    for parent in {job.destination.parent for job in jobs}:
+        parent.mkdir(parents=True, exist_ok=True)
+    groups: dict[int, list[TransferJob]] = {}
+    for job in jobs:
+        groups.setdefault(id(job.fs), []).append(job)
+    for group in groups.values():
+        fs = group[0].fs
+        if getattr(fs, "async_impl", False) and hasattr(fs, "_get_file"):
+            _run_on_loop(fs, _download_async(group, budget, task_cap, retry, stats))
+        else:
+            _download_threaded(group, budget, task_cap, retry, stats)
+    return stats
+
+
+def _run_on_loop(fs: AbstractFileSystem, coroutine: Any) -> None:
+    """
+    Run a coroutine on the filesystem's event loop thread and wait for it.
+
+    Unlike ``fsspec.asyn.sync``, an exception raised in the waiting thread (Airflow's SIGTERM handler
+    raising on task termination, KeyboardInterrupt) cancels the coroutine and waits for its cleanup,
+    so no download keeps writing or renaming after the task gave up.
+    """
+    future = asyncio.run_coroutine_threadsafe(coroutine, fs.loop)
+    try:
+        future.result()
+    except BaseException:
+        future.cancel()
+        try:
+            future.result(timeout=30)
+        except BaseException:  # The coroutine's own outcome is secondary to the original error.
+            pass
+        raise
+
+
+def _get_file_kwargs(fs: AbstractFileSystem) -> dict[str, Any]:
+    # One request per file keeps "downloads in flight" equal to requests in flight; s3fs would
+    # otherwise fetch large files in concurrent ranged parts outside the budget.
+    try:
+        parameters = inspect.signature(fs._get_file).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"max_concurrency": 1} if "max_concurrency" in parameters else {}
+
+
+async def _download_async(
+    jobs: Sequence[TransferJob],
+    budget: HostBudget,
+    task_cap: int,
+    retry: RetryPolicy,
+    stats: TransferStats,
+) -> None:
+    kwargs = _get_file_kwargs(jobs[0].fs)
+
+    async def download(job: TransferJob) -> None:
+        tries = 0
+        while True:
+            tries += 1
+            temporary = temporary_path(job.destination)
+            try:
+                async with await budget.acquire_async():
+                    stats.started()
+                    try:
+                        await job.fs._get_file(job.source_path, str(temporary), **kwargs)
+                    finally:
+                        stats.ended()
+                stats.completed(_finish(temporary, job))
+                return
+            except asyncio.CancelledError:
+                _unlink_quietly(temporary)
+                raise
+            except Exception as error:
+                _unlink_quietly(temporary)
+                if not is_transient(error) or tries > retry.max_retries:
+                    raise _failure(job, error, tries) from error
+                stats.retried()
+                log.debug("Retrying %s after %s: %s", job.description, type(error).__name__, error)
+                await asyncio.sleep(retry.delay(tries))
+
+    pending: Iterator[TransferJob] = iter(jobs)
+    running: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            # Refill the window as each transfer ends, so ``task_cap`` transfers stay in flight.
+            while len(running) < task_cap:
+                job = next(pending, None)
+                if job is None:
+                    break
+                running.add(asyncio.ensure_future(download(job)))
+            if not running:
+                return
+            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # The first failure propagates and cancels the rest below.
+    finally:
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+
+
+def _download_threaded(
+    jobs: Sequence[TransferJob],
+    budget: HostBudget,
+    task_cap: int,
+    retry: RetryPolicy,
+    stats: TransferStats,
+) -> None:
+    cancelled = threading.Event()
+
+    def download(job: TransferJob) -> None:
+        tries = 0
+        while not cancelled.is_set():
+            tries += 1
+            temporary = temporary_path(job.destination)
+            try:
+                with budget.acquire():
+                    stats.started()
+                    try:
+                        job.fs.get_file(job.source_path, str(temporary))
+                    finally:
+                        stats.ended()
+                if cancelled.is_set():
+                    _unlink_quietly(temporary)
+                    return
+                stats.completed(_finish(temporary, job))
+                return
+            except Exception as error:
+                _unlink_quietly(temporary)
+                if not is_transient(error) or tries > retry.max_retries:
+                    raise _failure(job, error, tries) from error
+                stats.retried()
+                log.debug("Retrying %s after %s: %s", job.description, type(error).__name__, error)
+                cancelled.wait(retry.delay(tries))
+
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=task_cap, thread_name_prefix="nsf-get")
+    try:
+        futures = [executor.submit(download, job) for job in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            future.result()
+    except BaseException:
+        cancelled.set()
+        raise
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+

@@ -16,6 +16,7 @@ Combine it in front of an operator class::
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kestra_perf_provider.exceptions import NamespaceFilesConfigError
+from kestra_perf_provider.exceptions import InvalidNamespaceError, NamespaceFilesConfigError
 from kestra_perf_provider.namespace_files.planning import IfExists, PathFilter
 from kestra_perf_provider.namespace_files.settings import load_settings
 from kestra_perf_provider.namespace_files.sources import coerce_namespaces
@@ -48,6 +49,22 @@ def _is_templated(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return any(_is_templated(item) for item in value)
     return False
+
+
+def _staged(execute: Any) -> Any:
+    """Wrap ``execute`` so that the outermost call stages the files first; nested super() calls don't."""
+
+    @functools.wraps(execute)
+    def wrapper(self: NamespaceFilesMixin, context: Context, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("_namespace_files_staging"):
+            return execute(self, context, *args, **kwargs)
+        self.__dict__["_namespace_files_staging"] = True
+        try:
+            return self._execute_with_namespace_files(execute, context, *args, **kwargs)
+        finally:
+            self.__dict__["_namespace_files_staging"] = False
+
+    return wrapper
 
 
 class NamespaceFilesMixin:
@@ -79,6 +96,10 @@ class NamespaceFilesMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "execute" in cls.__dict__:
+            # A subclass's own execute() would run instead of the mixin's, so staging wraps
+            # whichever execute() the class defines.
+            cls.execute = _staged(cls.__dict__["execute"])  # type: ignore[method-assign]
         fields = tuple(getattr(cls, "template_fields", ()))
         cls.template_fields = fields + tuple(name for name in NAMESPACE_TEMPLATE_FIELDS if name not in fields)
         if cls.__init__ is NamespaceFilesMixin.__init__:
@@ -123,10 +144,13 @@ class NamespaceFilesMixin:
             for patterns in (namespace_include, namespace_exclude):
                 if not _is_templated(patterns):
                     PathFilter(patterns)
-        except NamespaceFilesConfigError as err:
-            raise NamespaceFilesConfigError(f"Task {task!r}: {err}") from err
+        except (NamespaceFilesConfigError, InvalidNamespaceError) as err:
+            raise type(err)(f"Task {task!r}: {err}") from err
 
     def execute(self, context: Context) -> Any:
+        return super().execute(context)  # type: ignore[misc]
+
+    def _execute_with_namespace_files(self, execute: Any, context: Context, *args: Any, **kwargs: Any) -> Any:
         settings = load_settings(task_parallel_downloads=self.namespace_parallel_downloads)
         directory, temporary = self._make_working_dir(context, settings.working_dir_root)
         previous = os.getcwd()
@@ -144,7 +168,7 @@ class NamespaceFilesMixin:
             context[CONTEXT_KEY] = str(directory)  # type: ignore[literal-required]
             self.on_namespace_files_staged(directory, context)
             os.chdir(directory)
-            return super().execute(context)  # type: ignore[misc]
+            return execute(self, context, *args, **kwargs)
         finally:
             os.chdir(previous)
             if temporary and not self.keep_namespace_working_dir:
@@ -171,3 +195,6 @@ class NamespaceFilesMixin:
             parts += [getattr(ti, "map_index", -1), getattr(ti, "try_number", 0)]
         prefix = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(str(part) for part in parts if part is not None))
         return Path(tempfile.mkdtemp(prefix=f"airflow-nsf-{prefix[:80]}-", dir=root)), True
+
+
+NamespaceFilesMixin.execute = _staged(NamespaceFilesMixin.execute)  # type: ignore[method-assign]

@@ -185,8 +185,8 @@ def check_relative_path(relative: str, namespace_url: str) -> PurePosixPath:
     if relative.startswith("/") or any(segment in ("", ".", "..") for segment in segments) or "\0" in relative:
         raise UnsafePathError(
             f"Unsafe object key {relative!r} in namespace {namespace_url!r}: it would be written outside "
-            "the task's working directory (absolute path, '..', '.' or an empty segment). Rename the "
-            "object, or exclude it with an exclude pattern."
+            "the task's working directory (absolute path, '..', '.' or an empty segment). Rename or "
+            "delete the object, or stage a narrower prefix that does not contain it."
         )
     return PurePosixPath(*segments)
 
@@ -214,10 +214,12 @@ def build_plan(
     winners: dict[PurePosixPath, RemoteFile] = {}
     for listing in listings:
         for remote in listing:
+            # Checked before filtering: '**' never matches '..', so an unsafe key would otherwise
+            # be dropped silently instead of reported.
+            relative = check_relative_path(remote.relative, remote.namespace.url)
             if not path_filter.matches(remote.relative):
                 plan.excluded += 1
                 continue
-            relative = check_relative_path(remote.relative, remote.namespace.url)
             if folder_per_namespace:
                 relative = check_relative_path(remote.namespace.folder_name, remote.namespace.url) / relative
             if relative in winners:

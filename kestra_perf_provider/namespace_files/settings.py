@@ -16,9 +16,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kestra_perf_provider.exceptions import NamespaceFilesConfigError
+if TYPE_CHECKING:
+    from kestra_perf_provider.exceptions import NamespaceFilesConfigError
 
 SECTION = "namespace_files"
 
@@ -169,6 +170,10 @@ def _read_option(option: str, override: Any) -> Any:
 
 
 def _invalid(option: str, value: Any, expected: str) -> NamespaceFilesConfigError:
+    # Imported here: get_provider_info() imports this module while Airflow loads its configuration,
+    # before the exceptions module's own Airflow import can complete.
+    from kestra_perf_provider.exceptions import NamespaceFilesConfigError
+
     variable = f"AIRFLOW__{SECTION.upper()}__{option.upper()}"
     return NamespaceFilesConfigError(
         f"Invalid [{SECTION}] {option} = {value!r}: expected {expected}. "

@@ -55,7 +55,7 @@ class Namespace:
 
     url: str
     conn_id: str | None = None
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    storage_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     folder: str | None = None
 
     @property

@@ -17,6 +17,9 @@ os.environ["AIRFLOW_HOME"] = str(AIRFLOW_HOME)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(AIRFLOW_HOME / "dags")
 os.environ.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", None)
+# The host-wide budget and cache of this session stay apart from other Airflow processes on the host.
+os.environ["AIRFLOW__NAMESPACE_FILES__BUDGET_DIR"] = str(AIRFLOW_HOME / "namespace-files-budget")
+os.environ["AIRFLOW__NAMESPACE_FILES__CACHE_DIR"] = str(AIRFLOW_HOME / "namespace-files-cache")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

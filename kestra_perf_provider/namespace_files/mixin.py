@@ -92,6 +92,11 @@ class NamespaceFilesMixin:
     :param keep_namespace_working_dir: keep the fresh per-try folder, for debugging.
     :param namespace_parallel_downloads: per-task cap for this task only; a float is a fraction of the
         host budget, an int a number of downloads.
+    :param namespace_cache: use the host's namespace-file cache (default: ``[namespace_files]
+        cache_enabled``).
+    :param namespace_cache_placement: ``auto``, ``copy`` or ``hardlink`` for this task (default:
+        ``[namespace_files] cache_placement``); set ``copy`` on a task that modifies its files when
+        the host default is ``hardlink``.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -123,6 +128,8 @@ class NamespaceFilesMixin:
         namespace_working_dir: str | os.PathLike[str] | None = None,
         keep_namespace_working_dir: bool = False,
         namespace_parallel_downloads: int | float | None = None,
+        namespace_cache: bool | None = None,
+        namespace_cache_placement: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -133,6 +140,8 @@ class NamespaceFilesMixin:
         self.namespace_working_dir = None if namespace_working_dir is None else str(namespace_working_dir)
         self.keep_namespace_working_dir = keep_namespace_working_dir
         self.namespace_parallel_downloads = namespace_parallel_downloads
+        self.namespace_cache = namespace_cache
+        self.namespace_cache_placement = namespace_cache_placement
         self.namespace_files_dir: Path | None = None
         self.namespace_files_result: StagingResult | None = None
         task = getattr(self, "task_id", type(self).__name__)
@@ -151,7 +160,11 @@ class NamespaceFilesMixin:
         return super().execute(context)  # type: ignore[misc]
 
     def _execute_with_namespace_files(self, execute: Any, context: Context, *args: Any, **kwargs: Any) -> Any:
-        settings = load_settings(task_parallel_downloads=self.namespace_parallel_downloads)
+        settings = load_settings(
+            task_parallel_downloads=self.namespace_parallel_downloads,
+            cache_enabled=self.namespace_cache,
+            cache_placement=self.namespace_cache_placement,
+        )
         directory, temporary = self._make_working_dir(context, settings.working_dir_root)
         previous = os.getcwd()
         try:

@@ -83,6 +83,47 @@ CONFIG_SECTION: dict[str, Any] = {
             "example": "30",
             "default": "10",
         },
+        "cache_enabled": {
+            "description": (
+                "Keep a content cache of namespace files on each worker host, so a file whose "
+                "version is unchanged since an earlier staging is placed without a download."
+            ),
+            "version_added": "0.1.0",
+            "type": "boolean",
+            "example": "False",
+            "default": "True",
+        },
+        "cache_dir": {
+            "description": (
+                "Folder of the host's namespace-file cache, shared by every task process on the host. "
+                "When unset: a per-user folder under the system temporary directory."
+            ),
+            "version_added": "0.1.0",
+            "type": "string",
+            "example": "/var/cache/airflow/namespace-files",
+            "default": None,
+        },
+        "cache_max_size": {
+            "description": (
+                "Cap on the cache's total size: bytes, or a number with a unit (KB, MB, GB, TB, "
+                "KiB, MiB, GiB, TiB). The least recently used files are removed above it."
+            ),
+            "version_added": "0.1.0",
+            "type": "string",
+            "example": "50GiB",
+            "default": "5GiB",
+        },
+        "cache_placement": {
+            "description": (
+                "How cached files are put into a working directory: auto (a reflink where the "
+                "filesystem supports it, else a copy), copy, or hardlink (a read-only hard link, for "
+                "tasks that never modify their files)."
+            ),
+            "version_added": "0.1.0",
+            "type": "string",
+            "example": "hardlink",
+            "default": "auto",
+        },
         "working_dir_root": {
             "description": (
                 "Folder under which each task try gets a fresh working directory when the operator does "
@@ -149,6 +190,10 @@ class NamespaceFilesSettings:
     retry_initial_delay: float
     retry_max_delay: float
     working_dir_root: Path
+    cache_enabled: bool
+    cache_dir: Path
+    cache_max_size: int
+    cache_placement: str
 
 
 def _option_default(option: str) -> Any:
@@ -201,6 +246,15 @@ def _parse_float(option: str, value: Any, minimum: float) -> float:
     return number
 
 
+def _parse_bool(option: str, value: Any) -> bool:
+    text = str(value).strip().lower()
+    if text in ("true", "t", "1", "yes", "on"):
+        return True
+    if text in ("false", "f", "0", "no", "off"):
+        return False
+    raise _invalid(option, value, "True or False")
+
+
 def parse_task_cap(value: Any, host_budget: int, option: str = "task_parallel_downloads") -> int:
     """
     Turn a per-task cap into a number of downloads, never more than the host budget.
@@ -234,6 +288,10 @@ def load_settings(
     budget_dir: str | os.PathLike[str] | None = None,
     max_retries: int | None = None,
     working_dir_root: str | os.PathLike[str] | None = None,
+    cache_enabled: bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_max_size: int | str | None = None,
+    cache_placement: str | None = None,
 ) -> NamespaceFilesSettings:
     """
     Resolve and validate the staging settings.
@@ -244,10 +302,13 @@ def load_settings(
     :param budget_dir: overrides ``[namespace_files] budget_dir``.
     :param max_retries: overrides ``[namespace_files] max_retries``.
     :param working_dir_root: overrides ``[namespace_files] working_dir_root``.
+    :param cache_enabled: overrides ``[namespace_files] cache_enabled``; the other ``cache_*``
+        arguments override their options likewise.
     :raises NamespaceFilesConfigError: a value has the wrong type or range; the message names the
         option, the value and where to fix it.
     """
     from kestra_perf_provider.namespace_files.budget import default_budget_directory
+    from kestra_perf_provider.namespace_files.cache import PLACEMENTS, default_cache_directory, parse_size
 
     raw_budget = _read_option("host_parallel_downloads", host_parallel_downloads)
     host_budget = (
@@ -266,6 +327,16 @@ def load_settings(
     if max_delay < initial_delay:
         raise _invalid("retry_max_delay", max_delay, f"a number >= retry_initial_delay ({initial_delay})")
 
+    raw_max_size = _read_option("cache_max_size", cache_max_size)
+    try:
+        max_size = parse_size(raw_max_size)
+    except ValueError:
+        raise _invalid("cache_max_size", raw_max_size, "a size such as 5GiB, 500MB or 1048576") from None
+    placement = str(_read_option("cache_placement", cache_placement)).strip().lower()
+    if placement not in PLACEMENTS:
+        raise _invalid("cache_placement", placement, f"one of {', '.join(PLACEMENTS)}")
+    raw_cache_dir = _read_option("cache_dir", cache_dir)
+
     return NamespaceFilesSettings(
         host_parallel_downloads=host_budget,
         task_parallel_downloads=task_cap,
@@ -274,4 +345,8 @@ def load_settings(
         retry_initial_delay=initial_delay,
         retry_max_delay=max_delay,
         working_dir_root=Path(raw_root).expanduser() if raw_root else Path(tempfile.gettempdir()),
+        cache_enabled=_parse_bool("cache_enabled", _read_option("cache_enabled", cache_enabled)),
+        cache_dir=Path(raw_cache_dir).expanduser() if raw_cache_dir else default_cache_directory(),
+        cache_max_size=max_size,
+        cache_placement=placement,
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kestra_perf_provider.namespace_files.budget import HostBudget
+from kestra_perf_provider.namespace_files.cache import NamespaceCache, cache_key
 from kestra_perf_provider.namespace_files.planning import IfExists, PathFilter, build_plan
 from kestra_perf_provider.namespace_files.settings import NamespaceFilesSettings, load_settings
 from kestra_perf_provider.namespace_files.sources import (
@@ -37,8 +38,11 @@ class StagingResult:
     """Summary of one staging."""
 
     directory: Path
-    files: int  # downloaded
-    bytes: int  # downloaded
+    files: int  # placed into the working directory, downloaded or from the cache
+    bytes: int
+    downloaded_files: int
+    downloaded_bytes: int
+    cached_files: int  # placed from the host cache without a request
     namespaces: int
     listed: int  # files listed in all namespaces
     kept_existing: int  # left in place by if_exists=skip or warn
@@ -94,6 +98,7 @@ def stage_namespace_files(
         if_exists=if_exists,
         folder_per_namespace=folder_per_namespace,
     )
+    cache = _open_cache(settings)
     jobs = [
         TransferJob(
             fs=filesystems[planned.source.namespace_index],
@@ -101,20 +106,30 @@ def stage_namespace_files(
             destination=planned.destination,
             size=planned.source.size,
             description=f"{planned.source.relative!r} from namespace {planned.source.namespace.url!r}",
+            # A file larger than the whole cache would only evict everything else.
+            cache_key=cache_key(planned.source)
+            if cache is not None and (planned.source.size or 0) <= cache.max_size
+            else None,
+            identity=planned.source.identity,
         )
         for planned in plan.downloads
     ]
     budget = HostBudget(settings.budget_dir, settings.host_parallel_downloads)
     retry = RetryPolicy(settings.max_retries, settings.retry_initial_delay, settings.retry_max_delay)
     try:
-        stats = run_transfers(jobs, budget=budget, task_cap=task_cap, retry=retry)
+        stats = run_transfers(jobs, budget=budget, task_cap=task_cap, retry=retry, cache=cache)
     finally:
         budget.close()
+    if cache is not None and cache.stats.inserted:
+        cache.evict()
 
     result = StagingResult(
         directory=directory,
         files=stats.files,
         bytes=stats.bytes,
+        downloaded_files=stats.downloaded_files,
+        downloaded_bytes=stats.downloaded_bytes,
+        cached_files=stats.cached_files,
         namespaces=len(resolved),
         listed=sum(len(listing) for listing in listings),
         kept_existing=len(plan.kept_existing),
@@ -130,12 +145,26 @@ def stage_namespace_files(
     return result
 
 
+def _open_cache(settings: NamespaceFilesSettings) -> NamespaceCache | None:
+    if not settings.cache_enabled:
+        return None
+    cache = NamespaceCache(settings.cache_dir, settings.cache_max_size, settings.cache_placement)
+    removed = cache.remove_stale_temporary_files()
+    if removed:
+        log.info("Removed %d temporary files left in the namespace-file cache by killed tasks", removed)
+    return cache
+
+
 def _report(result: StagingResult) -> None:
     log.info(
-        "Staged namespace files: files=%d bytes=%d namespaces=%d seconds=%.3f peak_parallel_downloads=%d "
-        "task_cap=%d host_budget=%d retries=%d kept_existing=%d overridden=%d excluded=%d directory=%s",
+        "Staged namespace files: files=%d bytes=%d from_cache=%d downloaded_files=%d downloaded_bytes=%d "
+        "namespaces=%d seconds=%.3f peak_parallel_downloads=%d task_cap=%d host_budget=%d retries=%d "
+        "kept_existing=%d overridden=%d excluded=%d directory=%s",
         result.files,
         result.bytes,
+        result.cached_files,
+        result.downloaded_files,
+        result.downloaded_bytes,
         result.namespaces,
         result.seconds,
         result.peak_in_flight,
@@ -153,6 +182,9 @@ def _report(result: StagingResult) -> None:
         return
     Stats.incr(f"{METRIC_PREFIX}.files", result.files)
     Stats.incr(f"{METRIC_PREFIX}.bytes", result.bytes)
+    Stats.incr(f"{METRIC_PREFIX}.cache_hits", result.cached_files)
+    Stats.incr(f"{METRIC_PREFIX}.downloaded_files", result.downloaded_files)
+    Stats.incr(f"{METRIC_PREFIX}.downloaded_bytes", result.downloaded_bytes)
     Stats.incr(f"{METRIC_PREFIX}.retries", result.retries)
     Stats.timing(f"{METRIC_PREFIX}.duration", timedelta(seconds=result.seconds))
     Stats.gauge(f"{METRIC_PREFIX}.peak_parallel_downloads", result.peak_in_flight)

@@ -7,8 +7,9 @@ http) run on their own event loop with a sliding window of ``task_cap`` coroutin
 starts as soon as one ends, instead of waiting for a whole batch as ``fs.get`` does. Sync ones
 (local, sftp) run in a thread pool of ``task_cap`` threads.
 
-Every file is written to a temporary name in its destination folder and renamed when complete, so an
-interrupted or failed staging never leaves a partial file under a final name. Transient errors
+Every file is written to a temporary name in its destination folder (or in the cache, see
+:mod:`.cache`) and renamed when complete, so an interrupted or failed staging never leaves a partial
+file under a final name. Transient errors
 (throttling, connection reset, timeouts, 5xx) are retried with exponential backoff and full jitter;
 the first permanent error cancels the remaining transfers.
 """
@@ -23,17 +24,19 @@ import os
 import random
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kestra_perf_provider.exceptions import StagingError
+from kestra_perf_provider.namespace_files.cache import expected_md5
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
     from kestra_perf_provider.namespace_files.budget import HostBudget
+    from kestra_perf_provider.namespace_files.cache import NamespaceCache
 
 log = logging.getLogger(__name__)
 
@@ -134,21 +137,26 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class TransferJob:
-    """One file to download: source path on ``fs`` and final local path."""
+    """One file to stage: source path on ``fs``, final local path, and its cache key if cacheable."""
 
     fs: AbstractFileSystem
     source_path: str
     destination: Path
     size: int | None
     description: str  # names the file and its namespace in errors
+    cache_key: str | None = None
+    identity: str | None = None
 
 
 @dataclass
 class TransferStats:
     """Counters of one run of the engine."""
 
-    files: int = 0
+    files: int = 0  # placed into the working directory
     bytes: int = 0
+    downloaded_files: int = 0
+    downloaded_bytes: int = 0
+    cached_files: int = 0  # placed from the cache without a request
     retries: int = 0
     peak_in_flight: int = 0
     _in_flight: int = 0
@@ -163,10 +171,15 @@ class TransferStats:
         with self._lock:
             self._in_flight -= 1
 
-    def completed(self, size: int) -> None:
+    def completed(self, size: int, *, downloaded: bool) -> None:
         with self._lock:
             self.files += 1
             self.bytes += size
+            if downloaded:
+                self.downloaded_files += 1
+                self.downloaded_bytes += size
+            else:
+                self.cached_files += 1
 
     def retried(self) -> None:
         with self._lock:
@@ -178,12 +191,11 @@ def temporary_path(destination: Path) -> Path:
     return destination.parent / f".nsf-{uuid.uuid4().hex[:16]}{TEMP_SUFFIX}"
 
 
-def _finish(temporary: Path, job: TransferJob) -> int:
+def _check_size(temporary: Path, job: TransferJob) -> Path:
     size = os.path.getsize(temporary)
     if job.size is not None and size != job.size:
         raise IncompleteDownloadError(f"received {size} bytes, the listing reported {job.size}")
-    os.replace(temporary, job.destination)
-    return size
+    return temporary
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -201,19 +213,43 @@ def _failure(job: TransferJob, error: BaseException, tries: int) -> StagingError
     )
 
 
+class _Plan:
+    """Where one job's download goes and what happens to it when complete."""
+
+    def __init__(self, job: TransferJob, cache: NamespaceCache | None) -> None:
+        self.job = job
+        self.cache = cache if job.cache_key is not None else None
+
+    def temporary(self) -> Path:
+        if self.cache is not None:
+            return self.cache.temporary_path(self.job.cache_key)  # type: ignore[arg-type]
+        return temporary_path(self.job.destination)
+
+    def finish(self, temporary: Path) -> Path:
+        """Check a complete download and move it to its final place: the cache or the destination."""
+        _check_size(temporary, self.job)
+        if self.cache is not None:
+            return self.cache.commit(self.job.cache_key, temporary, expected_md5(self.job.identity))  # type: ignore[arg-type]
+        os.replace(temporary, self.job.destination)
+        return self.job.destination
+
+
 def run_transfers(
     jobs: Sequence[TransferJob],
     *,
     budget: HostBudget,
     task_cap: int,
     retry: RetryPolicy,
+    cache: NamespaceCache | None = None,
     stats: TransferStats | None = None,
 ) -> TransferStats:
     """
-    Download every job, at most ``task_cap`` at once, each holding a host budget slot while in flight.
+    Stage every job, at most ``task_cap`` at once, each holding a host budget slot while in flight.
 
-    Jobs are grouped by filesystem instance and the groups run one after another, so the cap holds
-    for the whole staging.
+    Jobs with a cache key go through ``cache``: a valid entry is placed without a request, and a
+    missing one is downloaded once into the cache while other processes wanting it wait for the
+    key's lock, holding no budget slot. Jobs are grouped by filesystem instance and the groups run
+    one after another, so the cap holds for the whole staging.
 
     :raises StagingError: a file failed with a permanent error or ran out of retries; the other
         transfers were cancelled and their temporary files removed.
@@ -227,9 +263,9 @@ def run_transfers(
     for group in groups.values():
         fs = group[0].fs
         if getattr(fs, "async_impl", False) and hasattr(fs, "_get_file"):
-            _run_on_loop(fs, _download_async(group, budget, task_cap, retry, stats))
+            _run_on_loop(fs, _download_async(group, budget, task_cap, retry, cache, stats))
         else:
-            _download_threaded(group, budget, task_cap, retry, stats)
+            _download_threaded(group, budget, task_cap, retry, cache, stats)
     return stats
 
 
@@ -263,20 +299,28 @@ def _get_file_kwargs(fs: AbstractFileSystem) -> dict[str, Any]:
     return {"max_concurrency": 1} if "max_concurrency" in parameters else {}
 
 
+# Files up to this size are placed from the cache on the event loop thread: a thread hand-off
+# would cost more than the copy.
+_INLINE_PLACEMENT_BYTES = 1 << 20
+
+
 async def _download_async(
     jobs: Sequence[TransferJob],
     budget: HostBudget,
     task_cap: int,
     retry: RetryPolicy,
+    cache: NamespaceCache | None,
     stats: TransferStats,
 ) -> None:
     kwargs = _get_file_kwargs(jobs[0].fs)
+    loop = asyncio.get_running_loop()
 
-    async def download(job: TransferJob) -> None:
+    async def fetch(plan: _Plan) -> Path:
+        job = plan.job
         tries = 0
         while True:
             tries += 1
-            temporary = temporary_path(job.destination)
+            temporary = plan.temporary()
             try:
                 async with await budget.acquire_async():
                     stats.started()
@@ -284,8 +328,7 @@ async def _download_async(
                         await job.fs._get_file(job.source_path, str(temporary), **kwargs)
                     finally:
                         stats.ended()
-                stats.completed(_finish(temporary, job))
-                return
+                return plan.finish(temporary)
             except asyncio.CancelledError:
                 _unlink_quietly(temporary)
                 raise
@@ -297,6 +340,27 @@ async def _download_async(
                 log.debug("Retrying %s after %s: %s", job.description, type(error).__name__, error)
                 await asyncio.sleep(retry.delay(tries))
 
+    async def stage(job: TransferJob) -> None:
+        plan = _Plan(job, cache)
+        if plan.cache is None:
+            await fetch(plan)
+            stats.completed(job.destination.stat().st_size, downloaded=True)
+            return
+        key = job.cache_key
+        lock = await plan.cache.lock_async(key)  # type: ignore[arg-type]
+        try:
+            entry = plan.cache.valid_entry(key, job.size)  # type: ignore[arg-type]
+            downloaded = entry is None
+            if entry is None:
+                entry = await fetch(plan)
+            if (job.size or 0) <= _INLINE_PLACEMENT_BYTES:
+                size = plan.cache.place(entry, job.destination, key)  # type: ignore[arg-type]
+            else:
+                size = await loop.run_in_executor(None, plan.cache.place, entry, job.destination, key)
+            stats.completed(size, downloaded=downloaded)
+        finally:
+            lock.release()
+
     pending: Iterator[TransferJob] = iter(jobs)
     running: set[asyncio.Task[None]] = set()
     try:
@@ -306,7 +370,7 @@ async def _download_async(
                 job = next(pending, None)
                 if job is None:
                     break
-                running.add(asyncio.ensure_future(download(job)))
+                running.add(asyncio.ensure_future(stage(job)))
             if not running:
                 return
             done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -324,15 +388,17 @@ def _download_threaded(
     budget: HostBudget,
     task_cap: int,
     retry: RetryPolicy,
+    cache: NamespaceCache | None,
     stats: TransferStats,
 ) -> None:
     cancelled = threading.Event()
 
-    def download(job: TransferJob) -> None:
+    def fetch(plan: _Plan) -> Path | None:
+        job = plan.job
         tries = 0
         while not cancelled.is_set():
             tries += 1
-            temporary = temporary_path(job.destination)
+            temporary = plan.temporary()
             try:
                 with budget.acquire():
                     stats.started()
@@ -342,9 +408,8 @@ def _download_threaded(
                         stats.ended()
                 if cancelled.is_set():
                     _unlink_quietly(temporary)
-                    return
-                stats.completed(_finish(temporary, job))
-                return
+                    return None
+                return plan.finish(temporary)
             except Exception as error:
                 _unlink_quietly(temporary)
                 if not is_transient(error) or tries > retry.max_retries:
@@ -352,10 +417,33 @@ def _download_threaded(
                 stats.retried()
                 log.debug("Retrying %s after %s: %s", job.description, type(error).__name__, error)
                 cancelled.wait(retry.delay(tries))
+        return None
 
+    def stage(job: TransferJob) -> None:
+        plan = _Plan(job, cache)
+        if plan.cache is None:
+            if fetch(plan) is not None:
+                stats.completed(job.destination.stat().st_size, downloaded=True)
+            return
+        key: str = job.cache_key  # type: ignore[assignment]
+        with plan.cache.locked(key):
+            entry = plan.cache.valid_entry(key, job.size)
+            downloaded = entry is None
+            if entry is None:
+                entry = fetch(plan)
+                if entry is None:
+                    return
+            stats.completed(plan.cache.place(entry, job.destination, key), downloaded=downloaded)
+
+    _run_in_threads(jobs, stage, task_cap, cancelled)
+
+
+def _run_in_threads(
+    jobs: Sequence[TransferJob], stage: Callable[[TransferJob], None], task_cap: int, cancelled: threading.Event
+) -> None:
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=task_cap, thread_name_prefix="nsf-get")
     try:
-        futures = [executor.submit(download, job) for job in jobs]
+        futures = [executor.submit(stage, job) for job in jobs]
         for future in concurrent.futures.as_completed(futures):
             future.result()
     except BaseException:
@@ -363,4 +451,3 @@ def _download_threaded(
         raise
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
-

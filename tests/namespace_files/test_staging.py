@@ -65,7 +65,11 @@ def instrumented():
 @pytest.fixture
 def settings(tmp_path):
     return load_settings(
-        host_parallel_downloads=8, task_parallel_downloads=4, budget_dir=tmp_path / "budget", max_retries=2
+        host_parallel_downloads=8,
+        task_parallel_downloads=4,
+        budget_dir=tmp_path / "budget",
+        max_retries=2,
+        cache_dir=tmp_path / "cache",
     )
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -57,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kestra_perf_provider.namespace_files.planning import RemoteFile
+    from kestra_perf_provider.namespace_files.sources import Namespace
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +84,15 @@ def cache_key(remote: RemoteFile) -> str | None:
     """Return the cache key of one listed object version, or None when it has no identity."""
     if remote.identity is None:
         return None
-    namespace = remote.namespace
-    location = json.dumps(
-        [
-            namespace.protocol,
-            namespace.conn_id,
-            # Options hold the endpoint; only their hash is kept, never their values (credentials).
-            json.dumps(dict(namespace.storage_options), sort_keys=True, default=str),
-            remote.path,
-            remote.identity,
-            remote.size,
-        ]
-    )
+    location = json.dumps([_namespace_location(remote.namespace), remote.path, remote.identity, remote.size])
     return hashlib.sha256(location.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _namespace_location(namespace: Namespace) -> str:
+    # Options hold the endpoint; only their hash is kept, never their values (credentials).
+    options = json.dumps(dict(namespace.storage_options), sort_keys=True, default=str)
+    return json.dumps([namespace.protocol, namespace.conn_id, hashlib.sha256(options.encode()).hexdigest()])
 
 
 def _sentinel_mtime_ns(key: str) -> int:
@@ -171,6 +169,14 @@ class NamespaceCache:
 
     def _stripe_path(self, key: str) -> Path:
         return self._locks / f"stripe-{int(key[:8], 16) % STRIPES:04d}.lock"
+
+    def try_lock(self, key: str) -> StripeLock | None:
+        """Return the key's stripe lock if it is free now, else None."""
+        lock = StripeLock(self._stripe_path(key))
+        if lock.try_lock():
+            return lock
+        lock.release()
+        return None
 
     @contextmanager
     def locked(self, key: str) -> Iterator[None]:

@@ -29,7 +29,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kestra_perf_provider.exceptions import (
@@ -175,20 +175,23 @@ def _as_patterns(value: Sequence[str] | str | None, default: tuple[str, ...]) ->
     return tuple(value)
 
 
-def check_relative_path(relative: str, namespace_url: str) -> PurePosixPath:
+def check_relative_path(relative: str, namespace_url: str) -> str:
     """
-    Return a namespace-relative key as a path, rejecting any key that could leave the working directory.
+    Return a namespace-relative key unchanged, rejecting any key that could leave the working directory.
 
     :raises UnsafePathError: the key is absolute, or contains ``..``, ``.`` or empty segments.
     """
-    segments = relative.split("/")
-    if relative.startswith("/") or any(segment in ("", ".", "..") for segment in segments) or "\0" in relative:
+    if (
+        relative.startswith("/")
+        or "\0" in relative
+        or any(segment in ("", ".", "..") for segment in relative.split("/"))
+    ):
         raise UnsafePathError(
             f"Unsafe object key {relative!r} in namespace {namespace_url!r}: it would be written outside "
             "the task's working directory (absolute path, '..', '.' or an empty segment). Rename or "
             "delete the object, or stage a narrower prefix that does not contain it."
         )
-    return PurePosixPath(*segments)
+    return relative
 
 
 def build_plan(
@@ -205,50 +208,37 @@ def build_plan(
     :param listings: one listing per namespace, in the order given by the user; later namespaces win
         a shared destination path.
     :param working_dir: the folder the files are staged into.
-    :raises UnsafePathError: an included key would escape ``working_dir``.
+    :raises UnsafePathError: a listed key would escape ``working_dir``.
     :raises FileConflictError: ``if_exists='fail'`` and a destination exists, a destination is an
         existing folder, or one key is both a file and a folder of another key.
     """
     if_exists = IfExists.parse(if_exists)
     plan = StagingPlan()
-    winners: dict[PurePosixPath, RemoteFile] = {}
+    winners: dict[str, RemoteFile] = {}
     for listing in listings:
         for remote in listing:
             # Checked before filtering: '**' never matches '..', so an unsafe key would otherwise
             # be dropped silently instead of reported.
             relative = check_relative_path(remote.relative, remote.namespace.url)
-            if not path_filter.matches(remote.relative):
+            if not path_filter.matches(relative):
                 plan.excluded += 1
                 continue
             if folder_per_namespace:
-                relative = check_relative_path(remote.namespace.folder_name, remote.namespace.url) / relative
+                folder = check_relative_path(remote.namespace.folder_name, remote.namespace.url)
+                relative = f"{folder}/{relative}"
             if relative in winners:
                 plan.overridden += 1
             winners[relative] = remote
 
     _reject_file_folder_clashes(winners)
-    root = Path(os.path.realpath(working_dir))
+    # A fresh working directory (the usual case) holds no file to collide with and no symlink to
+    # escape through, so the per-file filesystem checks are skipped.
+    empty = not any(os.scandir(working_dir)) if os.path.isdir(working_dir) else True
+    checker = None if empty else _DestinationChecker(working_dir)
     conflicts = []
     for relative, remote in winners.items():
         destination = working_dir / relative
-        _ensure_inside(root, destination, remote)
-        if os.path.isdir(destination) and not os.path.islink(destination):
-            raise FileConflictError(
-                f"Cannot stage {remote.relative!r} from namespace {remote.namespace.url!r}: "
-                f"{destination} is an existing folder. Remove it or exclude the file."
-            )
-        if os.path.lexists(destination) and if_exists is not IfExists.OVERWRITE:
-            if if_exists is IfExists.FAIL:
-                conflicts.append(destination)
-                continue
-            if if_exists is IfExists.WARN:
-                log.warning(
-                    "Keeping existing file %s instead of staging %s from namespace %s (if_exists=warn)",
-                    destination,
-                    remote.relative,
-                    remote.namespace.url,
-                )
-            plan.kept_existing.append(destination)
+        if checker is not None and not checker.may_write(destination, remote, if_exists, conflicts, plan):
             continue
         plan.downloads.append(PlannedFile(source=remote, destination=destination))
     if conflicts:
@@ -261,25 +251,68 @@ def build_plan(
     return plan
 
 
-def _reject_file_folder_clashes(winners: dict[PurePosixPath, RemoteFile]) -> None:
+class _DestinationChecker:
+    """Checks of destinations inside a working directory that already has content."""
+
+    def __init__(self, working_dir: Path) -> None:
+        self.root = os.path.realpath(working_dir)
+        self._inside: dict[Path, bool] = {}
+
+    def may_write(
+        self,
+        destination: Path,
+        remote: RemoteFile,
+        if_exists: IfExists,
+        conflicts: list[Path],
+        plan: StagingPlan,
+    ) -> bool:
+        """Tell whether to download to ``destination``; record kept files and conflicts."""
+        self._ensure_inside(destination, remote)
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            raise FileConflictError(
+                f"Cannot stage {remote.relative!r} from namespace {remote.namespace.url!r}: "
+                f"{destination} is an existing folder. Remove it or exclude the file."
+            )
+        if if_exists is IfExists.OVERWRITE or not os.path.lexists(destination):
+            return True
+        if if_exists is IfExists.FAIL:
+            conflicts.append(destination)
+            return False
+        if if_exists is IfExists.WARN:
+            log.warning(
+                "Keeping existing file %s instead of staging %s from namespace %s (if_exists=warn)",
+                destination,
+                remote.relative,
+                remote.namespace.url,
+            )
+        plan.kept_existing.append(destination)
+        return False
+
+    def _ensure_inside(self, destination: Path, remote: RemoteFile) -> None:
+        # Keys are already free of '..'; this catches a symlinked folder inside the working
+        # directory that points elsewhere. Checked once per folder.
+        parent = destination.parent
+        inside = self._inside.get(parent)
+        if inside is None:
+            inside = os.path.commonpath([self.root, os.path.realpath(parent)]) == self.root
+            self._inside[parent] = inside
+        if not inside:
+            raise UnsafePathError(
+                f"Unsafe destination for {remote.relative!r} from namespace {remote.namespace.url!r}: "
+                f"{destination} resolves outside the working directory {self.root}. Remove the "
+                "symlink, or exclude the file."
+            )
+
+
+def _reject_file_folder_clashes(winners: dict[str, RemoteFile]) -> None:
     for relative, remote in winners.items():
-        for parent in relative.parents:
-            if parent != PurePosixPath(".") and parent in winners:
-                other = winners[parent]
+        slash = relative.rfind("/")
+        while slash > 0:
+            other = winners.get(relative[:slash])
+            if other is not None:
                 raise FileConflictError(
                     f"Conflicting keys: {other.relative!r} (namespace {other.namespace.url!r}) is a file, "
                     f"but {remote.relative!r} (namespace {remote.namespace.url!r}) needs it to be a folder. "
                     "Exclude one of them."
                 )
-
-
-def _ensure_inside(root: Path, destination: Path, remote: RemoteFile) -> None:
-    # Keys are already free of '..'; this catches a symlinked folder inside the working directory
-    # that points elsewhere.
-    parent = os.path.realpath(destination.parent)
-    if os.path.commonpath([root, parent]) != str(root):
-        raise UnsafePathError(
-            f"Unsafe destination for {remote.relative!r} from namespace {remote.namespace.url!r}: "
-            f"{destination} resolves outside the working directory {root}. Remove the symlink, or "
-            "exclude the file."
-        )
+            slash = relative.rfind("/", 0, slash)

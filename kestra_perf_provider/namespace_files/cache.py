@@ -4,7 +4,7 @@ Cache: a content cache per worker host, so unchanged namespace files are downloa
 Staging still lists every namespace on every run, so a changed object is always noticed. Each
 listed object gets a cache key from its location and its identity (version id, then ETag or
 checksum, then size plus modification time; :func:`.sources.file_identity`). An object whose key
-has a valid entry is placed into the working directory without a request; any other is downloaded
+has a valid entry is placed into the working directory without a request. Any other is downloaded
 into the cache, atomically, and then placed. An object whose filesystem reports no identity is
 downloaded directly, never cached.
 
@@ -102,10 +102,8 @@ def _sentinel_mtime_ns(key: str) -> int:
 
 @dataclass
 class CacheStats:
-    """What the cache did during one staging."""
+    """Counters of the cache's work during one staging."""
 
-    hits: int = 0
-    hit_bytes: int = 0
     inserted: int = 0
     inserted_bytes: int = 0
     discarded: int = 0
@@ -293,7 +291,7 @@ class NamespaceCache:
             lock = StripeLock(self._stripe_path(key))
             try:
                 # A writer holds its stripe for the whole download, so an unlocked stripe means
-                # nobody is writing this file.
+                # that no process is writing this file.
                 if lock.try_lock():
                     _unlink_quietly(path)
                     removed += 1

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 class IfExists(str, enum.Enum):
-    """What staging does with a file that is already in the working directory."""
+    """Action of a staging on a file that is already in the working directory."""
 
     OVERWRITE = "overwrite"  # replace it with the namespace's file
     SKIP = "skip"  # keep it, silently
@@ -231,7 +231,7 @@ def build_plan(
             winners[relative] = remote
 
     _reject_file_folder_clashes(winners)
-    # A fresh working directory (the usual case) holds no file to collide with and no symlink to
+    # A fresh working directory (the usual case) contains no file to collide with and no symlink to
     # escape through, so the per-file filesystem checks are skipped.
     empty = not any(os.scandir(working_dir)) if os.path.isdir(working_dir) else True
     checker = None if empty else _DestinationChecker(working_dir)

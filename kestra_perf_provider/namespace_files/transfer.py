@@ -99,7 +99,7 @@ def is_transient(error: BaseException) -> bool:
     Tell whether a download error is worth retrying.
 
     s3fs turns botocore's ``ClientError`` into ``OSError`` and keeps the original as ``__cause__``,
-    so the whole cause chain is inspected; service codes are compared as strings because botocore
+    so the whole cause chain is inspected. Service codes are compared as strings because botocore
     reports HTTP statuses as ``'503'``.
     """
     if isinstance(error, _PERMANENT_TYPES):
@@ -213,8 +213,8 @@ def _failure(job: TransferJob, error: BaseException, tries: int) -> StagingError
     )
 
 
-class _Plan:
-    """Where one job's download goes and what happens to it when complete."""
+class _DownloadTarget:
+    """Temporary location and completion step of one job's download: the cache or the destination."""
 
     def __init__(self, job: TransferJob, cache: NamespaceCache | None) -> None:
         self.job = job
@@ -340,12 +340,12 @@ async def _download_async(
     kwargs = _get_file_kwargs(jobs[0].fs)
     loop = asyncio.get_running_loop()
 
-    async def fetch(plan: _Plan) -> Path:
-        job = plan.job
+    async def fetch(target: _DownloadTarget) -> Path:
+        job = target.job
         tries = 0
         while True:
             tries += 1
-            temporary = plan.temporary()
+            temporary = target.temporary()
             try:
                 async with await budget.acquire_async():
                     stats.started()
@@ -353,7 +353,7 @@ async def _download_async(
                         await job.fs._get_file(job.source_path, str(temporary), **kwargs)
                     finally:
                         stats.ended()
-                return plan.finish(temporary)
+                return target.finish(temporary)
             except asyncio.CancelledError:
                 _unlink_quietly(temporary)
                 raise
@@ -366,22 +366,22 @@ async def _download_async(
                 await asyncio.sleep(retry.delay(tries))
 
     async def stage(job: TransferJob) -> None:
-        plan = _Plan(job, cache)
-        if plan.cache is None:
-            await fetch(plan)
+        target = _DownloadTarget(job, cache)
+        if target.cache is None:
+            await fetch(target)
             stats.completed(job.destination.stat().st_size, downloaded=True)
             return
         key = job.cache_key
-        lock = await plan.cache.lock_async(key)  # type: ignore[arg-type]
+        lock = await target.cache.lock_async(key)  # type: ignore[arg-type]
         try:
-            entry = plan.cache.valid_entry(key, job.size)  # type: ignore[arg-type]
+            entry = target.cache.valid_entry(key, job.size)  # type: ignore[arg-type]
             downloaded = entry is None
             if entry is None:
-                entry = await fetch(plan)
+                entry = await fetch(target)
             if (job.size or 0) <= _INLINE_PLACEMENT_BYTES:
-                size = plan.cache.place(entry, job.destination, key)  # type: ignore[arg-type]
+                size = target.cache.place(entry, job.destination, key)  # type: ignore[arg-type]
             else:
-                size = await loop.run_in_executor(None, plan.cache.place, entry, job.destination, key)
+                size = await loop.run_in_executor(None, target.cache.place, entry, job.destination, key)
             stats.completed(size, downloaded=downloaded)
         finally:
             lock.release()
@@ -418,12 +418,12 @@ def _download_threaded(
 ) -> None:
     cancelled = threading.Event()
 
-    def fetch(plan: _Plan) -> Path | None:
-        job = plan.job
+    def fetch(target: _DownloadTarget) -> Path | None:
+        job = target.job
         tries = 0
         while not cancelled.is_set():
             tries += 1
-            temporary = plan.temporary()
+            temporary = target.temporary()
             try:
                 with budget.acquire():
                     stats.started()
@@ -434,7 +434,7 @@ def _download_threaded(
                 if cancelled.is_set():
                     _unlink_quietly(temporary)
                     return None
-                return plan.finish(temporary)
+                return target.finish(temporary)
             except Exception as error:
                 _unlink_quietly(temporary)
                 if not is_transient(error) or tries > retry.max_retries:
@@ -445,20 +445,20 @@ def _download_threaded(
         return None
 
     def stage(job: TransferJob) -> None:
-        plan = _Plan(job, cache)
-        if plan.cache is None:
-            if fetch(plan) is not None:
+        target = _DownloadTarget(job, cache)
+        if target.cache is None:
+            if fetch(target) is not None:
                 stats.completed(job.destination.stat().st_size, downloaded=True)
             return
         key: str = job.cache_key  # type: ignore[assignment]
-        with plan.cache.locked(key):
-            entry = plan.cache.valid_entry(key, job.size)
+        with target.cache.locked(key):
+            entry = target.cache.valid_entry(key, job.size)
             downloaded = entry is None
             if entry is None:
-                entry = fetch(plan)
+                entry = fetch(target)
                 if entry is None:
                     return
-            stats.completed(plan.cache.place(entry, job.destination, key), downloaded=downloaded)
+            stats.completed(target.cache.place(entry, job.destination, key), downloaded=downloaded)
 
     _run_in_threads(jobs, stage, task_cap, cancelled)
 

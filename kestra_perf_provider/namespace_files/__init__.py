@@ -30,7 +30,15 @@ _EXPORTS = {
     "stage_namespace_files": "staging",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "IfExists",
+    "Namespace",
+    "NamespaceFilesMixin",
+    "PathFilter",
+    "StagingResult",
+    "namespace_files_task",
+    "stage_namespace_files",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -14,12 +14,14 @@ Layout of ``cache_dir``:
   value derived from the key. A write through a hard link changes the size or the modification
   time, so the entry no longer validates and is downloaded again.
 - ``tmp/<key>.<random>.part``: downloads in progress.
-- ``locks/stripe-NNNN.lock``: 1,024 ``flock`` lock files. A key maps to one stripe; the holder of
-  the stripe's exclusive lock may download, validate, place or evict that key's entry. Tasks that
-  need the same missing file therefore download it once: the first takes the lock and downloads,
-  the others wait for the lock (holding no slot of the host download budget) and then find a
-  valid entry. A killed process's locks are released by the kernel, and its temporary files are
-  removed by the next staging that finds their stripe unlocked.
+- ``locks/keys.lock``: one byte of this file per key, locked with an open file description lock
+  (``F_OFD_SETLK``: like ``flock``, it conflicts between two ``open()`` calls even in one process
+  and is released when its descriptor closes, but it covers a byte range). The holder of a key's
+  lock may download, validate, place or evict that key's entry. Tasks that need the same missing
+  file therefore download it once: the first takes the lock and downloads, the others wait for
+  the lock (holding no slot of the host download budget) and then find a valid entry. A killed
+  process's locks are released by the kernel, and its temporary files are removed by the next
+  staging that finds their key unlocked.
 
 Placement (``[namespace_files] cache_placement``):
 
@@ -32,7 +34,7 @@ Placement (``[namespace_files] cache_placement``):
   replaces.
 
 Eviction keeps the cache under ``cache_max_size``, least recently placed first, after each staging
-that added entries; an entry whose stripe lock is held (being placed or downloaded) is skipped.
+that added entries; an entry whose key lock is held (being placed or downloaded) is skipped.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import os
 import random
 import shutil
 import stat
+import struct
 import time
 import uuid
 from collections.abc import Iterator
@@ -62,7 +65,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STRIPES = 1024
 _FICLONE = 0x40049409  # from linux/fs.h
 _NO_REFLINK = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS})
 _INITIAL_BACKOFF = 0.001
@@ -111,27 +113,28 @@ class CacheStats:
     stale_temporary_files: int = 0
 
 
-class StripeLock:
-    """An exclusive ``flock`` on one stripe file, through its own open file description."""
+class KeyLock:
+    """An exclusive lock on one key's byte of the lock file, through its own open file description."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key: str) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.held = False
+        # 60 bits of the key's hash as the offset: distinct keys practically never share a byte.
+        self._request = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, int(key[:15], 16), 1, 0)
 
     def try_lock(self) -> bool:
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        self.held = True
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, self._request)
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
         return True
 
     def release(self) -> None:
-        # Closing the only descriptor of the description releases the lock.
+        # Closing the only descriptor of the description releases its locks.
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            self.held = False
 
 
 class NamespaceCache:
@@ -165,12 +168,13 @@ class NamespaceCache:
     def temporary_path(self, key: str) -> Path:
         return self._tmp / f"{key}.{uuid.uuid4().hex[:12]}.part"
 
-    def _stripe_path(self, key: str) -> Path:
-        return self._locks / f"stripe-{int(key[:8], 16) % STRIPES:04d}.lock"
+    @property
+    def _lock_file(self) -> Path:
+        return self._locks / "keys.lock"
 
-    def try_lock(self, key: str) -> StripeLock | None:
-        """Return the key's stripe lock if it is free now, else None."""
-        lock = StripeLock(self._stripe_path(key))
+    def try_lock(self, key: str) -> KeyLock | None:
+        """Return the key's key lock if it is free now, else None."""
+        lock = KeyLock(self._lock_file, key)
         if lock.try_lock():
             return lock
         lock.release()
@@ -178,8 +182,8 @@ class NamespaceCache:
 
     @contextmanager
     def locked(self, key: str) -> Iterator[None]:
-        """Hold the key's stripe lock, waiting for it with a blocking backoff loop."""
-        lock = StripeLock(self._stripe_path(key))
+        """Hold the key's key lock, waiting for it with a blocking backoff loop."""
+        lock = KeyLock(self._lock_file, key)
         try:
             backoff = _INITIAL_BACKOFF
             while not lock.try_lock():
@@ -189,9 +193,9 @@ class NamespaceCache:
         finally:
             lock.release()
 
-    async def lock_async(self, key: str) -> StripeLock:
-        """Return the key's held stripe lock, waiting without blocking the event loop."""
-        lock = StripeLock(self._stripe_path(key))
+    async def lock_async(self, key: str) -> KeyLock:
+        """Return the key's held key lock, waiting without blocking the event loop."""
+        lock = KeyLock(self._lock_file, key)
         try:
             backoff = _INITIAL_BACKOFF
             while not lock.try_lock():
@@ -208,7 +212,7 @@ class NamespaceCache:
         """
         Return the key's entry if it passes its checks, else discard it and return None.
 
-        The caller holds the key's stripe lock.
+        The caller holds the key's key lock.
         """
         entry = self.entry_path(key)
         try:
@@ -251,7 +255,7 @@ class NamespaceCache:
         """
         Put an entry's content at ``destination`` (atomically) and mark the entry as used.
 
-        The caller holds the key's stripe lock, so eviction cannot remove the entry meanwhile.
+        The caller holds the key's key lock, so eviction cannot remove the entry meanwhile.
         """
         temporary = destination.parent / f".nsf-{uuid.uuid4().hex[:16]}.part"
         try:
@@ -282,15 +286,15 @@ class NamespaceCache:
     # Housekeeping
 
     def remove_stale_temporary_files(self) -> int:
-        """Remove downloads in progress left by killed processes: those whose stripe is unlocked."""
+        """Remove downloads in progress left by killed processes: those whose key is unlocked."""
         removed = 0
         for path in self._tmp.glob("*.part"):
             key = path.name.split(".", 1)[0]
             if len(key) != 64:
                 continue
-            lock = StripeLock(self._stripe_path(key))
+            lock = KeyLock(self._lock_file, key)
             try:
-                # A writer holds its stripe for the whole download, so an unlocked stripe means
+                # A writer holds its key's lock for the whole download, so an unlocked key means
                 # that no process is writing this file.
                 if lock.try_lock():
                     _unlink_quietly(path)
@@ -316,7 +320,7 @@ class NamespaceCache:
         for _, size, path in sorted(entries):
             if total <= target:
                 break
-            lock = StripeLock(self._stripe_path(path.name))
+            lock = KeyLock(self._lock_file, path.name)
             try:
                 if not lock.try_lock():
                     continue  # Being downloaded or placed right now.

@@ -242,13 +242,13 @@ def list_namespace(fs: AbstractFileSystem, namespace: Namespace, index: int) -> 
     :raises InvalidNamespaceError: the root is a file, not a folder.
     """
     root = fs._strip_protocol(namespace.url).rstrip("/")
-    entries = fs.find(root, detail=True, withdirs=False)
-    if not entries and not fs.exists(root):
-        raise NamespaceNotFoundError(
-            f"Namespace {namespace.url!r} not found: nothing exists at {root!r}"
-            + (f" (connection {namespace.conn_id!r})" if namespace.conn_id else "")
-            + ". Check the bucket and prefix, or create the namespace first."
-        )
+    try:
+        entries = fs.find(root, detail=True, withdirs=False)
+        missing = not entries and not fs.exists(root)
+    except FileNotFoundError as err:  # s3fs raises it for a missing bucket.
+        raise _not_found(namespace, root, err) from err
+    if missing:
+        raise _not_found(namespace, root, None)
     prefix = root + "/" if root != "/" else "/"
     files = []
     for path, info in entries.items():
@@ -259,9 +259,9 @@ def list_namespace(fs: AbstractFileSystem, namespace: Namespace, index: int) -> 
                 f"Invalid namespace {namespace.url!r}: it names a file, not a folder of files. "
                 "Use the URL of its parent folder and an include pattern."
             )
+        if path.endswith("/"):
+            continue  # A folder marker, including one for the namespace root itself.
         relative = path[len(prefix) :] if path.startswith(prefix) else path
-        if relative.endswith("/"):
-            continue
         files.append(
             RemoteFile(
                 namespace=namespace,
@@ -273,3 +273,12 @@ def list_namespace(fs: AbstractFileSystem, namespace: Namespace, index: int) -> 
             )
         )
     return files
+
+
+def _not_found(namespace: Namespace, root: str, cause: BaseException | None) -> NamespaceNotFoundError:
+    connection = f" (connection {namespace.conn_id!r})" if namespace.conn_id else ""
+    detail = f": {cause}" if cause else ""
+    return NamespaceNotFoundError(
+        f"Namespace {namespace.url!r} not found: nothing exists at {root!r}{connection}{detail}. "
+        "Check the bucket and prefix, or create the namespace first."
+    )

@@ -164,6 +164,7 @@ def open_filesystem(namespace: Namespace, *, max_connections: int) -> AbstractFi
     if protocol in _S3_SCHEMES:
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("max_pool_connections", max_connections)
+        config.setdefault("signature_version", "s3v4")  # see s3_presigned.supports()
         options["config_kwargs"] = config
     try:
         return fsspec.filesystem(protocol, **options)
@@ -200,6 +201,7 @@ def _open_with_connection(namespace: Namespace, protocol: str, max_connections: 
     if protocol in _S3_SCHEMES:
         # The Amazon provider's get_fs merges storage options into botocore's Config.
         options.setdefault("max_pool_connections", max_connections)
+        options.setdefault("signature_version", "s3v4")  # see s3_presigned.supports()
     try:
         return get_fs(protocol, namespace.conn_id, options)
     except ValueError as err:

@@ -117,7 +117,14 @@ def stage_namespace_files(
     budget = HostBudget(settings.budget_dir, settings.host_parallel_downloads)
     retry = RetryPolicy(settings.max_retries, settings.retry_initial_delay, settings.retry_max_delay)
     try:
-        stats = run_transfers(jobs, budget=budget, task_cap=task_cap, retry=retry, cache=cache)
+        stats = run_transfers(
+            jobs,
+            budget=budget,
+            task_cap=task_cap,
+            retry=retry,
+            cache=cache,
+            presigned_s3=settings.s3_presigned_downloads,
+        )
     finally:
         budget.close()
     if cache is not None and cache.stats.inserted:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import logging
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kestra_perf_provider.exceptions import StagingError
+from kestra_perf_provider.namespace_files import s3_presigned
 from kestra_perf_provider.namespace_files.cache import expected_md5
 
 if TYPE_CHECKING:
@@ -241,6 +243,7 @@ def run_transfers(
     task_cap: int,
     retry: RetryPolicy,
     cache: NamespaceCache | None = None,
+    presigned_s3: bool = True,
     stats: TransferStats | None = None,
 ) -> TransferStats:
     """
@@ -251,6 +254,8 @@ def run_transfers(
     key's lock, holding no budget slot. Jobs are grouped by filesystem instance and the groups run
     one after another, so the cap holds for the whole staging.
 
+    :param presigned_s3: download from S3 through presigned URLs where the filesystem allows it
+        (:mod:`.s3_presigned`).
     :raises StagingError: a file failed with a permanent error or ran out of retries; the other
         transfers were cancelled and their temporary files removed.
     """
@@ -265,7 +270,8 @@ def run_transfers(
     for group in groups.values():
         fs = group[0].fs
         if getattr(fs, "async_impl", False) and hasattr(fs, "_get_file"):
-            _run_on_loop(fs, _download_async(group, budget, task_cap, retry, cache, stats))
+            direct = presigned_s3 and s3_presigned.supports(fs)
+            _run_on_loop(fs, _download_async(group, budget, task_cap, retry, cache, direct, stats))
         else:
             _download_threaded(group, budget, task_cap, retry, cache, stats)
     return stats
@@ -335,6 +341,23 @@ async def _download_async(
     task_cap: int,
     retry: RetryPolicy,
     cache: NamespaceCache | None,
+    direct: bool,
+    stats: TransferStats,
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        getter = None
+        if direct:
+            getter = await stack.enter_async_context(s3_presigned.PresignedGetter(jobs[0].fs, task_cap))
+        await _download_window(jobs, budget, task_cap, retry, cache, getter, stats)
+
+
+async def _download_window(
+    jobs: Sequence[TransferJob],
+    budget: HostBudget,
+    task_cap: int,
+    retry: RetryPolicy,
+    cache: NamespaceCache | None,
+    getter: s3_presigned.PresignedGetter | None,
     stats: TransferStats,
 ) -> None:
     kwargs = _get_file_kwargs(jobs[0].fs)
@@ -350,7 +373,10 @@ async def _download_async(
                 async with await budget.acquire_async():
                     stats.started()
                     try:
-                        await job.fs._get_file(job.source_path, str(temporary), **kwargs)
+                        if getter is not None:
+                            await getter.get_file(job.source_path, str(temporary))
+                        else:
+                            await job.fs._get_file(job.source_path, str(temporary), **kwargs)
                     finally:
                         stats.ended()
                 return target.finish(temporary)

@@ -61,7 +61,13 @@ def storage_options(server: S3TestServer, **extra: Any) -> dict[str, Any]:
 
 
 def make_settings(
-    tmp_path: Path, *, cap: int = 4, host: int = 32, max_retries: int = 2, cache: bool = False
+    tmp_path: Path,
+    *,
+    cap: int = 4,
+    host: int = 32,
+    max_retries: int = 2,
+    cache: bool = False,
+    presigned: bool = True,
 ) -> NamespaceFilesSettings:
     return load_settings(
         host_parallel_downloads=host,
@@ -70,7 +76,16 @@ def make_settings(
         max_retries=max_retries,
         cache_enabled=cache,
         cache_dir=tmp_path / "cache",
+        s3_presigned_downloads=presigned,
     )
+
+
+# Requests per provider try: s3fs retries a failed GET itself, a presigned GET is sent once.
+TRANSPORTS = [pytest.param(False, id="s3fs"), pytest.param(True, id="presigned")]
+
+
+def tries_per_attempt(presigned: bool) -> int:
+    return 1 if presigned else S3FS_TRIES
 
 
 def staged_files(directory: Path) -> dict[str, bytes]:
@@ -265,36 +280,39 @@ class TestParallelDownloads:
 
 
 class TestTransientFailures:
+    @pytest.mark.parametrize("presigned", TRANSPORTS)
     @pytest.mark.parametrize("cache", [pytest.param(False, id="direct"), pytest.param(True, id="cache")])
     def test_throttling_and_dropped_body_retried(
-        self, s3_bucket: S3Bucket, tmp_path: Path, cache: bool
+        self, s3_bucket: S3Bucket, tmp_path: Path, cache: bool, presigned: bool
     ) -> None:
+        per_attempt = tries_per_attempt(presigned)
         objects = {f"f{index:02d}.txt": f"file {index}\n".encode() * 20 for index in range(20)}
         objects["big.bin"] = os.urandom(256 * 1024)
         s3_bucket.put_objects(objects, prefix="ns/")
         server = s3_bucket.server
         throttled = ["f03.txt", "f07.txt", "f11.txt"]
         for key in throttled:
-            server.fail_object_gets(f"ns/{key}", status=503, times=S3FS_TRIES, bucket=s3_bucket.name)
+            server.fail_object_gets(f"ns/{key}", status=503, times=per_attempt, bucket=s3_bucket.name)
         # The server sends half of each body and closes the connection. s3fs resumes with ranged GETs first.
-        server.drop_object_gets("ns/big.bin", times=S3FS_TRIES, bucket=s3_bucket.name)
+        server.drop_object_gets("ns/big.bin", times=per_attempt, bucket=s3_bucket.name)
         work = tmp_path / "work"
 
         result = stage_namespace_files(
             Namespace(s3_bucket.url("ns"), storage_options=storage_options(server)),
             work,
-            settings=make_settings(tmp_path, max_retries=2, cache=cache),
+            settings=make_settings(tmp_path, max_retries=2, cache=cache, presigned=presigned),
         )
 
         stats = server.stats()
         assert staged_files(work) == objects
         assert result.retries == len(throttled) + 1  # one retry of the provider per faulted key
         for key in [*throttled, "big.bin"]:
-            assert stats.gets_of(s3_bucket.name, f"ns/{key}") == S3FS_TRIES + 1, key
+            assert stats.gets_of(s3_bucket.name, f"ns/{key}") == per_attempt + 1, key
         assert stats.gets_of(s3_bucket.name, "ns/f00.txt") == 1
         assert temporary_files(tmp_path) == []
 
-    def test_retries_exhausted_names_key(self, s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("presigned", TRANSPORTS)
+    def test_retries_exhausted_names_key(self, s3_bucket: S3Bucket, tmp_path: Path, presigned: bool) -> None:
         objects = {f"f{index}.txt": b"x" * index for index in range(6)}
         s3_bucket.put_objects(objects, prefix="ns/")
         server = s3_bucket.server
@@ -306,15 +324,63 @@ class TestTransientFailures:
             stage_namespace_files(
                 Namespace(url, storage_options=storage_options(server)),
                 work,
-                settings=make_settings(tmp_path, max_retries=1),
+                settings=make_settings(tmp_path, max_retries=1, presigned=presigned),
             )
 
         message = str(excinfo.value)
         assert f"'f1.txt' from namespace {url!r} after 2 tries (transient error)" in message
         assert "Injected by the S3 test server for key ns/f1.txt" in message  # the cause, as S3 sent it
-        assert server.stats().gets_of(s3_bucket.name, "ns/f1.txt") == 2 * S3FS_TRIES
+        assert server.stats().gets_of(s3_bucket.name, "ns/f1.txt") == 2 * tries_per_attempt(presigned)
         assert not (work / "f1.txt").exists()
         assert temporary_files(tmp_path) == []
+
+
+class TestPresignedTransport:
+    def test_region_redirect_falls_back_to_s3fs(self, s3_bucket: S3Bucket, tmp_path: Path) -> None:
+        s3_bucket.put_objects({"a.txt": b"alpha", "b.txt": b"beta"}, prefix="ns/")
+        server = s3_bucket.server
+        server.fail_object_gets(
+            "ns/a.txt", status=400, code="AuthorizationHeaderMalformed", times=1, bucket=s3_bucket.name
+        )
+
+        result = stage_namespace_files(
+            Namespace(s3_bucket.url("ns"), storage_options=storage_options(server)),
+            tmp_path / "work",
+            settings=make_settings(tmp_path),
+        )
+
+        assert staged_files(tmp_path / "work") == {"a.txt": b"alpha", "b.txt": b"beta"}
+        assert result.retries == 0  # the s3fs fallback is not a retry
+        assert server.stats().gets_of(s3_bucket.name, "ns/a.txt") == 2
+
+    def test_missing_object_is_permanent(self, s3_bucket: S3Bucket, tmp_path: Path) -> None:
+        s3_bucket.put_objects({"a.txt": b"alpha"}, prefix="ns/")
+        server = s3_bucket.server
+        server.fail_object_gets("ns/a.txt", status=404, bucket=s3_bucket.name)
+
+        with pytest.raises(StagingError, match=r"after 1 try \(permanent error\): FileNotFoundError: .*NoSuchKey"):
+            stage_namespace_files(
+                Namespace(s3_bucket.url("ns"), storage_options=storage_options(server)),
+                tmp_path / "work",
+                settings=make_settings(tmp_path),
+            )
+        assert server.stats().gets_of(s3_bucket.name, "ns/a.txt") == 1
+
+    @pytest.mark.parametrize(
+        ("options", "expected"),
+        [
+            pytest.param({}, True, id="default"),
+            pytest.param({"anon": True}, False, id="anonymous"),
+            pytest.param({"requester_pays": True}, False, id="requester-pays"),
+            pytest.param({"config_kwargs": {"signature_version": "s3"}}, False, id="sigv2-client"),
+        ],
+    )
+    def test_used_only_for_plain_clients(self, s3_server: S3TestServer, options: dict, expected: bool) -> None:
+        from kestra_perf_provider.namespace_files import s3_presigned
+        from kestra_perf_provider.namespace_files.sources import open_filesystem
+
+        namespace = Namespace("s3://bucket/ns", storage_options={**s3_server.storage_options(), **options})
+        assert s3_presigned.supports(open_filesystem(namespace, max_connections=4)) is expected
 
 
 class TestPermanentFailure:
@@ -533,7 +599,7 @@ class TestAirflowTask:
         objects = {f"f{index}.txt": b"x" * index for index in range(7)}
         s3_bucket.put_objects(objects, prefix="ns/")
         server = s3_bucket.server
-        server.fail_object_gets("ns/f3.txt", status=503, times=S3FS_TRIES, bucket=s3_bucket.name)
+        server.fail_object_gets("ns/f3.txt", status=503, times=1, bucket=s3_bucket.name)
         dags = tmp_path / "dags"
         dags.mkdir()
         dag_id = "namespace_files_metrics"

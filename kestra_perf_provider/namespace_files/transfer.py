@@ -413,25 +413,22 @@ async def _download_window(
             lock.release()
 
     pending: Iterator[TransferJob] = iter(jobs)
-    running: set[asyncio.Task[None]] = set()
+
+    async def worker() -> None:
+        # Each worker takes the next job the moment its previous one ends, so ``task_cap``
+        # transfers stay in flight without a scheduler loop between them.
+        for job in pending:
+            await stage(job)
+
     try:
-        while True:
-            # Refill the window as each transfer ends, so ``task_cap`` transfers stay in flight.
-            while len(running) < task_cap:
-                job = next(pending, None)
-                if job is None:
-                    break
-                running.add(asyncio.ensure_future(stage(job)))
-            if not running:
-                return
-            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # The first failure propagates and cancels the rest below.
-    finally:
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(task_cap, len(jobs))):
+                group.create_task(worker())
+    except BaseExceptionGroup as failures:
+        # The group cancelled the other workers at the first failure; report that failure with
+        # its own cause (the storage error) rather than the group.
+        first = failures.exceptions[0]
+        raise first from first.__cause__
 
 
 def _download_threaded(

@@ -159,6 +159,11 @@ class NamespaceCache:
         self._locks = self.directory / "locks"
         for folder in (self._objects, self._tmp, self._locks):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Entries fan out into 256 folders by the first two hex digits of their key. Creating them
+        # once here keeps a directory creation off every cache miss.
+        if not (self._objects / "ff").is_dir():
+            for prefix in range(256):
+                (self._objects / f"{prefix:02x}").mkdir(exist_ok=True, mode=0o700)
 
     # Paths and locks
 
@@ -231,24 +236,31 @@ class NamespaceCache:
             return None
         return entry
 
-    def commit(self, key: str, temporary: Path, expected_md5: str | None = None) -> Path:
+    def commit(
+        self, key: str, temporary: Path, expected_md5: str | None = None, actual_md5: str | None = None
+    ) -> Path:
         """
         Move a complete download into the cache as the key's read-only entry.
 
+        :param actual_md5: the download's MD5 if computed while receiving it; else the file is read
+            again when ``expected_md5`` is known.
         :raises OSError: the file's MD5 differs from ``expected_md5`` (the caller retries).
         """
-        if expected_md5 is not None and _md5_of(temporary) != expected_md5:
+        if expected_md5 is not None and (actual_md5 or _md5_of(temporary)) != expected_md5:
             from kestra_perf_provider.namespace_files.transfer import IncompleteDownloadError
 
             raise IncompleteDownloadError(f"content does not match its MD5 checksum {expected_md5}")
+        size = os.stat(temporary).st_size
         os.chmod(temporary, 0o444)
-        mtime = _sentinel_mtime_ns(key)
-        os.utime(temporary, ns=(time.time_ns(), mtime))
+        os.utime(temporary, ns=(time.time_ns(), _sentinel_mtime_ns(key)))
         entry = self.entry_path(key)
-        entry.parent.mkdir(exist_ok=True, mode=0o700)
-        os.replace(temporary, entry)
+        try:
+            os.replace(temporary, entry)
+        except FileNotFoundError:  # A fan-out folder removed by hand since the cache was opened.
+            entry.parent.mkdir(exist_ok=True, mode=0o700)
+            os.replace(temporary, entry)
         self.stats.inserted += 1
-        self.stats.inserted_bytes += entry.stat().st_size
+        self.stats.inserted_bytes += size
         return entry
 
     def place(self, entry: Path, destination: Path, key: str) -> int:

@@ -17,9 +17,13 @@ too, because botocore follows such redirects and a presigned URL cannot.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
+import shutil
 import ssl
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -92,8 +96,13 @@ class PresignedGetter:
         if self._session is not None:
             await self._session.close()
 
-    async def get_file(self, rpath: str, lpath: str) -> None:
-        """Download ``rpath`` to ``lpath``; raise OSError subclasses as s3fs would."""
+    async def get_file(self, rpath: str, lpath: str, mirror: str | os.PathLike[str] | None = None) -> str:
+        """
+        Download ``rpath`` to ``lpath`` and return the content's MD5; raise OSError subclasses as s3fs would.
+
+        :param mirror: a second file to write the same bytes to, so a download into a cache can
+            fill the working directory too without reading the entry back.
+        """
         bucket, key, version_id = self.fs.split_path(rpath)
         params = {"Bucket": bucket, "Key": key}
         if version_id:
@@ -101,16 +110,23 @@ class PresignedGetter:
         url = await self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=_URL_EXPIRY_SECONDS)
         async with self._session.get(url, allow_redirects=False) as response:
             if response.status == 200:
-                with open(lpath, "wb") as handle:
+                digest = hashlib.md5(usedforsecurity=False)
+                with open(lpath, "wb") as handle, (open(mirror, "wb") if mirror else nullcontext()) as copy:
                     async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
                         handle.write(chunk)
-                return
+                        digest.update(chunk)
+                        if copy is not None:
+                            copy.write(chunk)
+                return digest.hexdigest()
             body = await response.read()
         code, message = _parse_error(body, response.status)
         if code in _REGION_CODES or response.status in (301, 307):
             log.debug("Falling back to s3fs for %s after %s (%s)", rpath, response.status, code)
             await self.fs._get_file(rpath, lpath)
-            return
+            if mirror:
+                shutil.copyfile(lpath, mirror)
+            with open(lpath, "rb") as handle:
+                return hashlib.file_digest(handle, "md5").hexdigest()
         text = f"{rpath}: {code} ({response.status}): {message}"
         if response.status == 404:
             raise FileNotFoundError(text)

@@ -221,19 +221,36 @@ class _DownloadTarget:
     def __init__(self, job: TransferJob, cache: NamespaceCache | None) -> None:
         self.job = job
         self.cache = cache if job.cache_key is not None else None
+        self.placed = False  # whether the download itself also filled the destination
 
     def temporary(self) -> Path:
         if self.cache is not None:
             return self.cache.temporary_path(self.job.cache_key)  # type: ignore[arg-type]
         return temporary_path(self.job.destination)
 
-    def finish(self, temporary: Path) -> Path:
-        """Check a complete download and move it to its final place: the cache or the destination."""
+    def mirror(self) -> Path | None:
+        """Return a second temporary file for the destination when the download goes to the cache."""
+        if self.cache is None or self.cache.placement == "hardlink":
+            return None  # A hard link to the new entry costs less than writing the bytes twice.
+        return temporary_path(self.job.destination)
+
+    def finish(self, temporary: Path, mirror: Path | None = None, digest: str | None = None) -> Path:
+        """
+        Check a complete download and move it to its final place: the cache or the destination.
+
+        A ``mirror`` written during the download becomes the destination, which saves copying
+        the new cache entry back out.
+        """
         _check_size(temporary, self.job)
-        if self.cache is not None:
-            return self.cache.commit(self.job.cache_key, temporary, expected_md5(self.job.identity))  # type: ignore[arg-type]
-        os.replace(temporary, self.job.destination)
-        return self.job.destination
+        if self.cache is None:
+            os.replace(temporary, self.job.destination)
+            return self.job.destination
+        key: str = self.job.cache_key  # type: ignore[assignment]
+        entry = self.cache.commit(key, temporary, expected_md5(self.job.identity), digest)
+        if mirror is not None:
+            os.replace(mirror, self.job.destination)
+            self.placed = True
+        return entry
 
 
 def run_transfers(
@@ -369,22 +386,28 @@ async def _download_window(
         while True:
             tries += 1
             temporary = target.temporary()
+            mirror = target.mirror() if getter is not None else None
+            digest = None
             try:
                 async with await budget.acquire_async():
                     stats.started()
                     try:
                         if getter is not None:
-                            await getter.get_file(job.source_path, str(temporary))
+                            digest = await getter.get_file(job.source_path, str(temporary), mirror=mirror)
                         else:
                             await job.fs._get_file(job.source_path, str(temporary), **kwargs)
                     finally:
                         stats.ended()
-                return target.finish(temporary)
+                return target.finish(temporary, mirror, digest)
             except asyncio.CancelledError:
                 _unlink_quietly(temporary)
+                if mirror is not None:
+                    _unlink_quietly(mirror)
                 raise
             except Exception as error:
                 _unlink_quietly(temporary)
+                if mirror is not None:
+                    _unlink_quietly(mirror)
                 if not is_transient(error) or tries > retry.max_retries:
                     raise _failure(job, error, tries) from error
                 stats.retried()
@@ -404,6 +427,9 @@ async def _download_window(
             downloaded = entry is None
             if entry is None:
                 entry = await fetch(target)
+                if target.placed:
+                    stats.completed(job.destination.stat().st_size, downloaded=True)
+                    return
             if (job.size or 0) <= _INLINE_PLACEMENT_BYTES:
                 size = target.cache.place(entry, job.destination, key)  # type: ignore[arg-type]
             else:

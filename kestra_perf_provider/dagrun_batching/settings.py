@@ -1,0 +1,175 @@
+"""
+Settings of DAG-run batching: the ``[dagrun_batching]`` section of ``airflow.cfg``.
+
+:data:`CONFIG_SECTION` declares every option once, in the format of ``get_provider_info()["config"]``.
+:func:`load_batching_settings` reads its defaults from the same table, so a process that has not
+loaded provider configuration resolves the same values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kestra_perf_provider.dagrun_batching.exceptions import DagRunBatchingConfigError
+
+SECTION = "dagrun_batching"
+
+CONFIG_SECTION: dict[str, Any] = {
+    "description": (
+        "Batching of task-state updates by DAG run, used by "
+        "kestra_perf_provider.executors.BatchingLocalExecutor."
+    ),
+    "options": {
+        "enabled": {
+            "description": (
+                "Apply the success updates of task instances in one transaction per DAG run. When False, "
+                "the executor behaves exactly like LocalExecutor."
+            ),
+            "version_added": "0.1.0",
+            "type": "boolean",
+            "example": "False",
+            "default": "True",
+        },
+        "max_batch_size": {
+            "description": (
+                "Largest number of task-state updates of one DAG run applied in one transaction. A group "
+                "that reaches this size is applied at once, without waiting for linger_ms."
+            ),
+            "version_added": "0.1.0",
+            "type": "integer",
+            "example": "128",
+            "default": "64",
+        },
+        "linger_ms": {
+            "description": (
+                "Longest time, in milliseconds, an update waits for more updates of the same DAG run "
+                "before its group is applied. 0 applies every group as soon as it can."
+            ),
+            "version_added": "0.1.0",
+            "type": "integer",
+            "example": "50",
+            "default": "20",
+        },
+        "max_concurrent_groups": {
+            "description": (
+                "Largest number of groups (each of a different DAG run) applied at the same time. Each "
+                "group in flight holds one database connection of the scheduler process."
+            ),
+            "version_added": "0.1.0",
+            "type": "integer",
+            "example": "8",
+            "default": "4",
+        },
+        "fallback_timeout": {
+            "description": (
+                "Seconds a task's supervisor waits for its batched update to be applied. After that, or "
+                "at once if the scheduler process is gone, it sends its own state update to the API "
+                "server as stock Airflow does."
+            ),
+            "version_added": "0.1.0",
+            "type": "float",
+            "example": "30",
+            "default": "15",
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """Resolved and validated ``[dagrun_batching]`` settings."""
+
+    enabled: bool
+    max_batch_size: int
+    linger_ms: int
+    max_concurrent_groups: int
+    fallback_timeout: float
+
+    @property
+    def linger_seconds(self) -> float:
+        """``linger_ms`` in seconds."""
+        return self.linger_ms / 1000.0
+
+
+def _option_default(option: str) -> Any:
+    return CONFIG_SECTION["options"][option]["default"]
+
+
+def _read_option(option: str, config: Any) -> Any:
+    """Return the ``airflow.cfg`` value, or the declared default when the option is unset."""
+    if config is None:
+        from airflow.configuration import conf as config
+    value = config.get(SECTION, option, fallback=None)
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return _option_default(option)
+    return value
+
+
+def _invalid(option: str, value: Any, expected: str) -> DagRunBatchingConfigError:
+    # Imported here: get_provider_info() imports this module while Airflow itself is still importing,
+    # and the exception's base class lives in Airflow.
+    from kestra_perf_provider.dagrun_batching.exceptions import DagRunBatchingConfigError
+
+    variable = f"AIRFLOW__{SECTION.upper()}__{option.upper()}"
+    return DagRunBatchingConfigError(
+        f"Invalid [{SECTION}] {option} = {value!r}: expected {expected}. "
+        f"Fix it in airflow.cfg or in the environment variable {variable}."
+    )
+
+
+def _parse_bool(option: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "t", "1", "yes", "y", "on"):
+        return True
+    if text in ("false", "f", "0", "no", "n", "off"):
+        return False
+    raise _invalid(option, value, "True or False")
+
+
+def _parse_int(option: str, value: Any, minimum: int, maximum: int) -> int:
+    expected = f"a whole number from {minimum} to {maximum}"
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise _invalid(option, value, expected) from None
+    if not minimum <= number <= maximum:
+        raise _invalid(option, value, expected)
+    return number
+
+
+def _parse_float(option: str, value: Any, minimum: float, maximum: float) -> float:
+    expected = f"a number of seconds from {minimum} to {maximum}"
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise _invalid(option, value, expected) from None
+    if not math.isfinite(number) or not minimum <= number <= maximum:
+        raise _invalid(option, value, expected)
+    return number
+
+
+def load_batching_settings(config: Any = None) -> BatchingSettings:
+    """
+    Resolve and validate the ``[dagrun_batching]`` settings.
+
+    :param config: an ``AirflowConfigParser``; ``airflow.configuration.conf`` when omitted.
+    :raises DagRunBatchingConfigError: a value has the wrong type or range; the message names the
+        option, the value and where to fix it.
+    """
+    return BatchingSettings(
+        enabled=_parse_bool("enabled", _read_option("enabled", config)),
+        max_batch_size=_parse_int("max_batch_size", _read_option("max_batch_size", config), 1, 10_000),
+        # An hour bounds linger_ms: a longer wait would stall every task of the run behind it.
+        linger_ms=_parse_int("linger_ms", _read_option("linger_ms", config), 0, 3_600_000),
+        max_concurrent_groups=_parse_int(
+            "max_concurrent_groups", _read_option("max_concurrent_groups", config), 1, 1_000
+        ),
+        fallback_timeout=_parse_float(
+            "fallback_timeout", _read_option("fallback_timeout", config), 0.1, 3_600.0
+        ),
+    )

@@ -17,6 +17,7 @@ too, because botocore follows such redirects and a presigned URL cannot.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -27,6 +28,8 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
     from fsspec import AbstractFileSystem
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 # Long enough for a large object queued behind a full window; the URL is used at once.
 _URL_EXPIRY_SECONDS = 3600
 _CHUNK_BYTES = 1 << 16
+# Bodies up to this size are received whole and written by a thread; larger ones are streamed.
+_IN_MEMORY_BYTES = 1 << 20
 _REGION_CODES = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"})
 _ERROR_CODE = re.compile(rb"<Code>([^<]+)</Code>")
 _ERROR_MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
@@ -68,9 +73,10 @@ class PresignedGetter:
     Use as an async context manager on the filesystem's event loop.
     """
 
-    def __init__(self, fs: AbstractFileSystem, connections: int) -> None:
+    def __init__(self, fs: AbstractFileSystem, connections: int, io_pool: Executor | None = None) -> None:
         self.fs = fs
         self.connections = connections
+        self.io_pool = io_pool
         self._session: Any = None
 
     async def __aenter__(self) -> PresignedGetter:
@@ -110,6 +116,13 @@ class PresignedGetter:
         url = await self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=_URL_EXPIRY_SECONDS)
         async with self._session.get(url, allow_redirects=False) as response:
             if response.status == 200:
+                length = response.content_length
+                if length is not None and length <= _IN_MEMORY_BYTES:
+                    body = await response.read()
+                    # Creating files blocks for a while on some filesystems; a thread keeps that
+                    # off the event loop, which meanwhile starts other requests.
+                    loop = asyncio.get_running_loop()
+                    return await loop.run_in_executor(self.io_pool, _write_body, body, lpath, mirror)
                 digest = hashlib.md5(usedforsecurity=False)
                 with open(lpath, "wb") as handle, (open(mirror, "wb") if mirror else nullcontext()) as copy:
                     async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
@@ -133,6 +146,13 @@ class PresignedGetter:
         if response.status == 403:
             raise PermissionError(text)
         raise S3ResponseError(text, response.status, code)
+
+
+def _write_body(body: bytes, lpath: str, mirror: str | os.PathLike[str] | None) -> str:
+    for path in (lpath, mirror) if mirror else (lpath,):
+        with open(path, "wb") as handle:
+            handle.write(body)
+    return hashlib.md5(body, usedforsecurity=False).hexdigest()
 
 
 def _parse_error(body: bytes, status: int) -> tuple[str, str]:

@@ -362,10 +362,16 @@ async def _download_async(
     stats: TransferStats,
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
+        # File creation and renames run here, so the event loop thread only sends and receives.
+        io_pool = stack.enter_context(
+            concurrent.futures.ThreadPoolExecutor(max_workers=min(8, task_cap), thread_name_prefix="nsf-io")
+        )
         getter = None
         if direct:
-            getter = await stack.enter_async_context(s3_presigned.PresignedGetter(jobs[0].fs, task_cap))
-        await _download_window(jobs, budget, task_cap, retry, cache, getter, stats)
+            getter = await stack.enter_async_context(
+                s3_presigned.PresignedGetter(jobs[0].fs, task_cap, io_pool=io_pool)
+            )
+        await _download_window(jobs, budget, task_cap, retry, cache, getter, io_pool, stats)
 
 
 async def _download_window(
@@ -375,6 +381,7 @@ async def _download_window(
     retry: RetryPolicy,
     cache: NamespaceCache | None,
     getter: s3_presigned.PresignedGetter | None,
+    io_pool: concurrent.futures.Executor,
     stats: TransferStats,
 ) -> None:
     kwargs = _get_file_kwargs(jobs[0].fs)
@@ -398,7 +405,7 @@ async def _download_window(
                             await job.fs._get_file(job.source_path, str(temporary), **kwargs)
                     finally:
                         stats.ended()
-                return target.finish(temporary, mirror, digest)
+                return await loop.run_in_executor(io_pool, target.finish, temporary, mirror, digest)
             except asyncio.CancelledError:
                 _unlink_quietly(temporary)
                 if mirror is not None:

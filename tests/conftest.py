@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,13 @@ os.environ["AIRFLOW__NAMESPACE_FILES__BUDGET_DIR"] = str(AIRFLOW_HOME / "namespa
 os.environ["AIRFLOW__NAMESPACE_FILES__CACHE_DIR"] = str(AIRFLOW_HOME / "namespace-files-cache")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Per-try working folders of operator tests stay inside the session folder too.
+os.environ["AIRFLOW__NAMESPACE_FILES__WORKING_DIR_ROOT"] = str(AIRFLOW_HOME / "namespace-files-work")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the session's Airflow home, with its SQLite database, budget and cache."""
+    shutil.rmtree(AIRFLOW_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

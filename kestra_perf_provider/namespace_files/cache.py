@@ -224,7 +224,11 @@ class NamespaceCache:
             status = entry.stat()
         except FileNotFoundError:
             return None
-        if (size is not None and status.st_size != size) or status.st_mtime_ns != _sentinel_mtime_ns(key):
+        if (
+            not stat.S_ISREG(status.st_mode)
+            or (size is not None and status.st_size != size)
+            or status.st_mtime_ns != _sentinel_mtime_ns(key)
+        ):
             log.warning(
                 "Discarding damaged cache entry %s (size %d, expected %s); downloading it again",
                 entry,
@@ -348,8 +352,11 @@ class NamespaceCache:
     @staticmethod
     def _remove(entry: Path) -> None:
         try:
-            os.chmod(entry, stat.S_IWUSR | stat.S_IRUSR)
-            os.unlink(entry)
+            os.chmod(entry, stat.S_IRWXU)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                os.unlink(entry)
         except FileNotFoundError:
             pass
 

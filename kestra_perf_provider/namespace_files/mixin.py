@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from kestra_perf_provider.exceptions import InvalidNamespaceError, NamespaceFilesConfigError
 from kestra_perf_provider.namespace_files.planning import IfExists, PathFilter
 from kestra_perf_provider.namespace_files.settings import load_settings
-from kestra_perf_provider.namespace_files.sources import coerce_namespaces
+from kestra_perf_provider.namespace_files.cache import PLACEMENTS
+from kestra_perf_provider.namespace_files.sources import check_folders, coerce_namespaces
 from kestra_perf_provider.namespace_files.staging import StagingResult, stage_namespace_files
 
 if TYPE_CHECKING:
@@ -49,6 +50,23 @@ def _is_templated(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return any(_is_templated(item) for item in value)
     return False
+
+
+def _check_task_arguments(parallel_downloads: Any, placement: Any) -> None:
+    if parallel_downloads is not None and (
+        isinstance(parallel_downloads, bool)
+        or not isinstance(parallel_downloads, (int, float))
+        or (isinstance(parallel_downloads, int) and parallel_downloads < 1)
+        or (isinstance(parallel_downloads, float) and not 0 < parallel_downloads <= 1)
+    ):
+        raise NamespaceFilesConfigError(
+            f"Invalid namespace_parallel_downloads={parallel_downloads!r}: expected a fraction of the host "
+            "budget in (0, 1] such as 0.5, or a whole number of downloads >= 1 such as 8."
+        )
+    if placement is not None and placement not in PLACEMENTS:
+        raise NamespaceFilesConfigError(
+            f"Invalid namespace_cache_placement={placement!r}: expected one of {', '.join(PLACEMENTS)}."
+        )
 
 
 def _staged(execute: Any) -> Any:
@@ -148,8 +166,11 @@ class NamespaceFilesMixin:
         try:
             # Checking at parse time turns a typo into a DAG import error instead of a failed run.
             self.namespace_if_exists = IfExists.parse(namespace_if_exists)
+            _check_task_arguments(namespace_parallel_downloads, namespace_cache_placement)
             if not _is_templated(namespaces):
-                coerce_namespaces(namespaces)
+                resolved = coerce_namespaces(namespaces)
+                if folder_per_namespace:
+                    check_folders(resolved)
             for patterns in (namespace_include, namespace_exclude):
                 if not _is_templated(patterns):
                     PathFilter(patterns)
@@ -198,9 +219,9 @@ class NamespaceFilesMixin:
 
     def _make_working_dir(self, context: Context, root: Path) -> tuple[Path, bool]:
         if self.namespace_working_dir:
-            directory = Path(self.namespace_working_dir).expanduser()
-            directory.mkdir(parents=True, exist_ok=True)
-            return directory, False
+            # Absolute, because the operator later runs there from a changed current directory.
+            # Staging creates it once the plan succeeds.
+            return Path(self.namespace_working_dir).expanduser().absolute(), False
         root.mkdir(parents=True, exist_ok=True)
         ti = context.get("ti")
         parts = [getattr(self, "dag_id", None), getattr(self, "task_id", None)]

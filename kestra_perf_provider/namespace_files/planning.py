@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Files named one by one in if_exists=warn warnings; the rest are counted in one line.
+_WARNINGS_SHOWN = 10
+
 
 class IfExists(str, enum.Enum):
     """Action of a staging on a file that is already in the working directory."""
@@ -241,12 +244,18 @@ def build_plan(
         if checker is not None and not checker.may_write(destination, remote, if_exists, conflicts, plan):
             continue
         plan.downloads.append(PlannedFile(source=remote, destination=destination))
+    if if_exists is IfExists.WARN and len(plan.kept_existing) > _WARNINGS_SHOWN:
+        log.warning(
+            "Kept %d existing files in total instead of staging them (if_exists=warn); the first %d are listed above",
+            len(plan.kept_existing),
+            _WARNINGS_SHOWN,
+        )
     if conflicts:
         shown = ", ".join(str(path) for path in conflicts[:10])
         more = f" and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""
         raise FileConflictError(
             f"{len(conflicts)} namespace file(s) already exist in the working directory: {shown}{more}. "
-            "Remove them, or set if_exists to overwrite, skip or warn."
+            "Remove them, or set if_exists (namespace_if_exists on an operator) to overwrite, skip or warn."
         )
     return plan
 
@@ -278,7 +287,7 @@ class _DestinationChecker:
         if if_exists is IfExists.FAIL:
             conflicts.append(destination)
             return False
-        if if_exists is IfExists.WARN:
+        if if_exists is IfExists.WARN and len(plan.kept_existing) < _WARNINGS_SHOWN:
             log.warning(
                 "Keeping existing file %s instead of staging %s from namespace %s (if_exists=warn)",
                 destination,

@@ -25,7 +25,8 @@ import re
 import shutil
 import ssl
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Long enough for a large object queued behind a full window; the URL is used at once.
 _URL_EXPIRY_SECONDS = 3600
@@ -121,8 +124,7 @@ class PresignedGetter:
                     body = await response.read()
                     # Creating files blocks for a while on some filesystems; a thread keeps that
                     # off the event loop, which meanwhile starts other requests.
-                    loop = asyncio.get_running_loop()
-                    return await loop.run_in_executor(self.io_pool, _write_body, body, lpath, mirror)
+                    return await run_in_thread(self.io_pool, _write_body, body, lpath, mirror)
                 digest = hashlib.md5(usedforsecurity=False)
                 with open(lpath, "wb") as handle, (open(mirror, "wb") if mirror else nullcontext()) as copy:
                     async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
@@ -146,6 +148,21 @@ class PresignedGetter:
         if response.status == 403:
             raise PermissionError(text)
         raise S3ResponseError(text, response.status, code)
+
+
+async def run_in_thread(pool: Executor | None, function: Callable[..., T], *args: Any) -> T:
+    """
+    Run ``function`` in ``pool`` and return its result; when cancelled, wait for it to end first.
+
+    A plain ``run_in_executor`` returns at once on cancellation while the thread keeps going, so a
+    caller's cleanup could run before the thread writes or renames the files it cleans up.
+    """
+    future = asyncio.get_running_loop().run_in_executor(pool, function, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
 
 
 def _write_body(body: bytes, lpath: str, mirror: str | os.PathLike[str] | None) -> str:

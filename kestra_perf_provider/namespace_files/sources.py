@@ -8,7 +8,9 @@ supplies credentials and endpoint.
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,8 @@ from kestra_perf_provider.namespace_files.planning import RemoteFile
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
+
+log = logging.getLogger(__name__)
 
 # Schemes whose fsspec implementation lives in a separate package, with the extra that installs it.
 _INSTALL_HINTS = {
@@ -90,6 +94,11 @@ def _split_url(url: str) -> tuple[str, str]:
         return "file", url.rstrip("/") or "/"
     scheme = parts.scheme.lower()
     if scheme in ("file", "local"):
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise InvalidNamespaceError(
+                f"Invalid namespace URL {url!r}: a file URL needs an absolute path and no host; "
+                "write 'file:///absolute/path'."
+            )
         return "file", (parts.path.rstrip("/") or "/")
     root = f"{parts.netloc}{parts.path}".rstrip("/")
     if not root:
@@ -135,13 +144,41 @@ def coerce_namespaces(value: Any) -> list[Namespace]:
                 f"Invalid namespace {item!r} of type {type(item).__name__}: expected a URL string, "
                 "a Namespace or a mapping with a 'url' key."
             )
-        _split_url(namespace.url)  # Reject a bad URL at parse time, before any task runs.
+        _check_protocol(namespace)  # Reject a bad URL at parse time, before any task runs.
         namespaces.append(namespace)
     if not namespaces:
         raise NamespaceFilesConfigError(
             "Missing namespaces: the list is empty; give one or more URLs such as 's3://bucket/ns/team-a'."
         )
     return namespaces
+
+
+def check_folders(namespaces: Iterable[Namespace]) -> None:
+    """
+    Reject namespaces that would share a subfolder when each is staged into its own.
+
+    :raises NamespaceFilesConfigError: two namespaces have the same folder name.
+    """
+    seen: dict[str, Namespace] = {}
+    for namespace in namespaces:
+        other = seen.setdefault(namespace.folder_name, namespace)
+        if other is not namespace:
+            raise NamespaceFilesConfigError(
+                f"Namespaces {other.url!r} and {namespace.url!r} would both be staged into folder "
+                f"{namespace.folder_name!r} with folder_per_namespace; give one of them a distinct "
+                "folder, e.g. {'url': ..., 'folder': 'shared-2'}."
+            )
+
+
+def _check_protocol(namespace: Namespace) -> None:
+    from fsspec.registry import known_implementations, registry
+
+    protocol = namespace.protocol
+    if protocol not in known_implementations and protocol not in registry:
+        raise InvalidNamespaceError(
+            f"Invalid namespace URL {namespace.url!r}: no fsspec filesystem handles protocol {protocol!r}. "
+            "Check the scheme, or install the package that provides it."
+        )
 
 
 def open_filesystem(namespace: Namespace, *, max_connections: int) -> AbstractFileSystem:
@@ -252,6 +289,7 @@ def list_namespace(fs: AbstractFileSystem, namespace: Namespace, index: int) -> 
     if missing:
         raise _not_found(namespace, root, None)
     prefix = root + "/" if root != "/" else "/"
+    real_root = os.path.realpath(root) if namespace.protocol == "file" else None
     files = []
     for path, info in entries.items():
         if info.get("type") == "directory":
@@ -264,6 +302,13 @@ def list_namespace(fs: AbstractFileSystem, namespace: Namespace, index: int) -> 
         if path.endswith("/"):
             continue  # A folder marker, including one for the namespace root itself.
         relative = path[len(prefix) :] if path.startswith(prefix) else path
+        if real_root is not None and info.get("islink"):
+            # fsspec lists every symlink as "other"; one to a file inside the namespace is staged
+            # as that file.
+            info = _resolve_local_link(path, real_root, relative, namespace)
+        if info.get("type") != "file":
+            log.warning("Skipping %r in namespace %s: not a regular file", relative, namespace.url)
+            continue
         files.append(
             RemoteFile(
                 namespace=namespace,
@@ -284,3 +329,22 @@ def _not_found(namespace: Namespace, root: str, cause: BaseException | None) -> 
         f"Namespace {namespace.url!r} not found: nothing exists at {root!r}{connection}{detail}. "
         "Check the bucket and prefix, or create the namespace first."
     )
+
+
+def _resolve_local_link(path: str, real_root: str, relative: str, namespace: Namespace) -> Mapping[str, Any]:
+    """Return the listing entry of a symlink's target, rejecting targets outside the namespace."""
+    target = os.path.realpath(path)
+    # A symlink in a shared namespace folder would otherwise copy any file the worker can read.
+    if os.path.commonpath([real_root, target]) != real_root:
+        from kestra_perf_provider.exceptions import UnsafePathError
+
+        raise UnsafePathError(
+            f"Unsafe symlink {relative!r} in namespace {namespace.url!r}: it points to {target}, outside "
+            "the namespace. Replace it with the file itself, or remove it."
+        )
+    try:
+        status = os.stat(target)
+    except FileNotFoundError:
+        return {"type": "broken-link"}
+    kind = "file" if stat.S_ISREG(status.st_mode) else "other"
+    return {"type": kind, "size": status.st_size, "mtime": status.st_mtime, "name": path}

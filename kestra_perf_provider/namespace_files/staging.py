@@ -22,6 +22,7 @@ from kestra_perf_provider.namespace_files.planning import IfExists, PathFilter, 
 from kestra_perf_provider.namespace_files.settings import NamespaceFilesSettings, load_settings
 from kestra_perf_provider.namespace_files.sources import (
     Namespace,
+    check_folders,
     coerce_namespaces,
     list_namespace,
     open_filesystem,
@@ -80,10 +81,11 @@ def stage_namespace_files(
     started = time.monotonic()
     settings = settings or load_settings()
     resolved = coerce_namespaces(namespaces)
+    if folder_per_namespace:
+        check_folders(resolved)
     path_filter = PathFilter(include, exclude)
     if_exists = IfExists.parse(if_exists)
-    directory = Path(destination)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = Path(destination).absolute()
 
     task_cap = settings.task_parallel_downloads
     filesystems = [open_filesystem(namespace, max_connections=task_cap) for namespace in resolved]
@@ -98,6 +100,8 @@ def stage_namespace_files(
         if_exists=if_exists,
         folder_per_namespace=folder_per_namespace,
     )
+    # Created only now, so a staging that fails while listing or planning leaves no folder behind.
+    directory.mkdir(parents=True, exist_ok=True)
     cache = _open_cache(settings)
     jobs = [
         TransferJob(

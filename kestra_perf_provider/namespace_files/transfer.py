@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kestra_perf_provider.exceptions import StagingError
+from kestra_perf_provider.exceptions import FileConflictError, StagingError
 from kestra_perf_provider.namespace_files import s3_presigned
 from kestra_perf_provider.namespace_files.cache import expected_md5
 
@@ -278,7 +278,13 @@ def run_transfers(
     """
     stats = stats or TransferStats()
     for parent in {os.path.dirname(job.destination) for job in jobs}:
-        os.makedirs(parent, exist_ok=True)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as err:
+            raise FileConflictError(
+                f"Cannot create folder {parent} for namespace files: {err.filename} is an existing "
+                "file. Remove it, or exclude the files below it."
+            ) from err
     if cache is not None:
         jobs = [job for job in jobs if not _place_cached(job, cache, stats)]
     groups: dict[int, list[TransferJob]] = {}
@@ -405,7 +411,7 @@ async def _download_window(
                             await job.fs._get_file(job.source_path, str(temporary), **kwargs)
                     finally:
                         stats.ended()
-                return await loop.run_in_executor(io_pool, target.finish, temporary, mirror, digest)
+                return await s3_presigned.run_in_thread(io_pool, target.finish, temporary, mirror, digest)
             except asyncio.CancelledError:
                 _unlink_quietly(temporary)
                 if mirror is not None:

@@ -194,3 +194,27 @@ def test_example_dag_runs(tmp_path):
     assert "team-a: 6 sales, 535.65 EUR" in output
     assert "state=success" in output
     assert output.count("Staged namespace files:") == 2
+
+
+class TestTaskArguments:
+    @pytest.mark.parametrize("value", [0, -1, 1.5, 0.0, "8", True])
+    def test_invalid_parallel_downloads(self, value):
+        with pytest.raises(NamespaceFilesConfigError, match="Task 'bad': Invalid namespace_parallel_downloads"):
+            StagedBashOperator(
+                task_id="bad", namespaces="s3://b/ns", namespace_parallel_downloads=value, bash_command="true"
+            )
+
+    def test_invalid_cache_placement(self):
+        with pytest.raises(NamespaceFilesConfigError, match="Invalid namespace_cache_placement='symlink'"):
+            StagedBashOperator(
+                task_id="bad", namespaces="s3://b/ns", namespace_cache_placement="symlink", bash_command="true"
+            )
+
+    def test_duplicate_folders_rejected(self):
+        with pytest.raises(NamespaceFilesConfigError, match="both be staged into folder 'shared'"):
+            StagedBashOperator(
+                task_id="bad",
+                namespaces=["s3://a/shared", "s3://b/shared"],
+                folder_per_namespace=True,
+                bash_command="true",
+            )

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kestra_perf_provider.exceptions import (
@@ -7,9 +9,11 @@ from kestra_perf_provider.exceptions import (
     NamespaceFilesConfigError,
     NamespaceNotFoundError,
     UnknownConnectionError,
+    UnsafePathError,
 )
 from kestra_perf_provider.namespace_files.sources import (
     Namespace,
+    check_folders,
     coerce_namespaces,
     file_identity,
     list_namespace,
@@ -126,3 +130,50 @@ class TestFileIdentity:
     )
     def test_strongest_first(self, info, expected):
         assert file_identity(info) == expected
+
+
+class TestLocalLinksAndUrls:
+    def test_symlinked_folder_skipped(self, tmp_path):
+        root = tmp_path / "ns"
+        (root / "real").mkdir(parents=True)
+        (root / "real" / "x.txt").write_text("x")
+        os.symlink(root / "real", root / "linkdir")
+        assert [remote.relative for remote in list_local(root)] == ["real/x.txt"]
+
+    def test_symlinked_folder_outside_rejected(self, tmp_path):
+        (tmp_path / "outside").mkdir()
+        root = tmp_path / "ns"
+        root.mkdir()
+        os.symlink(tmp_path / "outside", root / "linkdir")
+        with pytest.raises(UnsafePathError, match="Unsafe symlink 'linkdir'"):
+            list_local(root)
+
+    def test_symlink_escaping_root_rejected(self, tmp_path):
+        (tmp_path / "secret.txt").write_text("secret")
+        root = tmp_path / "ns"
+        root.mkdir()
+        os.symlink(tmp_path / "secret.txt", root / "link.txt")
+        with pytest.raises(UnsafePathError, match="Unsafe symlink 'link.txt'.*outside the namespace"):
+            list_local(root)
+
+    def test_symlink_inside_root_allowed(self, tmp_path):
+        root = tmp_path / "ns"
+        root.mkdir()
+        (root / "real.txt").write_text("real")
+        os.symlink(root / "real.txt", root / "alias.txt")
+        assert sorted(remote.relative for remote in list_local(root)) == ["alias.txt", "real.txt"]
+
+    @pytest.mark.parametrize("url", ["file:ns/shared", "file://tmp/ns", "file://otherhost/srv/ns"])
+    def test_file_url_needs_absolute_path(self, url):
+        with pytest.raises(InvalidNamespaceError, match="a file URL needs an absolute path and no host"):
+            coerce_namespaces(url)
+
+    def test_unknown_protocol_rejected_when_parsed(self):
+        with pytest.raises(InvalidNamespaceError, match="protocol 'nosuchproto'"):
+            coerce_namespaces("nosuchproto://bucket/x")
+
+    def test_same_folder_names_rejected(self):
+        namespaces = coerce_namespaces(["s3://a/ns/shared", "s3://b/ns/shared"])
+        with pytest.raises(NamespaceFilesConfigError, match="both be staged into folder 'shared'"):
+            check_folders(namespaces)
+        check_folders([namespaces[0], Namespace("s3://b/ns/shared", folder="shared-2")])

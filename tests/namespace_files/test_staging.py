@@ -10,7 +10,7 @@ import fsspec
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from kestra_perf_provider.exceptions import StagingError
+from kestra_perf_provider.exceptions import FileConflictError, StagingError
 from kestra_perf_provider.namespace_files import Namespace, stage_namespace_files
 from kestra_perf_provider.namespace_files.settings import load_settings
 from kestra_perf_provider.namespace_files.transfer import TEMP_SUFFIX
@@ -153,3 +153,34 @@ class TestFailures:
     def test_missing_namespace_names_url(self, tmp_path, settings):
         with pytest.raises(FileNotFoundError, match="Namespace 'file://.*/nope' not found"):
             stage_namespace_files(Namespace(f"file://{tmp_path / 'nope'}"), tmp_path / "work", settings=settings)
+
+
+class TestWorkingDirectory:
+    def test_failed_staging_creates_no_folder(self, tmp_path, settings):
+        destination = tmp_path / "new" / "work"
+        with pytest.raises(FileNotFoundError):
+            stage_namespace_files(f"file://{tmp_path / 'missing'}", destination, settings=settings)
+        assert not (tmp_path / "new").exists()
+
+    def test_file_where_folder_belongs(self, tmp_path, settings):
+        source = tmp_path / "ns"
+        (source / "scripts").mkdir(parents=True)
+        (source / "scripts" / "run.py").write_text("print()")
+        work = tmp_path / "work"
+        work.mkdir()
+        (work / "scripts").write_text("a file, not a folder")
+        with pytest.raises(FileConflictError, match="scripts is an existing file"):
+            stage_namespace_files(f"file://{source}", work, settings=settings)
+
+    def test_directory_in_cache_discarded(self, tmp_path, settings):
+        source = tmp_path / "ns"
+        source.mkdir()
+        (source / "a.txt").write_text("alpha")
+        stage_namespace_files(f"file://{source}", tmp_path / "one", settings=settings)
+        [entry] = [path for path in (tmp_path / "cache" / "objects").rglob("*") if path.is_file()]
+        os.chmod(entry, 0o644)
+        entry.unlink()
+        entry.mkdir()  # What a bug or a hand edit could leave under an entry's name.
+        result = stage_namespace_files(f"file://{source}", tmp_path / "two", settings=settings)
+        assert result.downloaded_files == 1
+        assert (tmp_path / "two" / "a.txt").read_text() == "alpha"

@@ -91,8 +91,8 @@ class NamespaceFilesMixin:
 
     The working directory becomes the process's current directory while ``execute()`` runs, its path
     is added to the task context as ``namespace_files_dir``, and operators with a ``cwd`` attribute
-    (``BashOperator``) run their command there. Argument names carry a ``namespace_`` prefix so they
-    cannot collide with the combined operator's own ``include``, ``exclude`` or ``if_exists``.
+    (``BashOperator``) run their command there. Argument names carry a ``namespace_`` prefix, which
+    keeps them apart from arguments such as ``include`` or ``if_exists`` of the combined operator.
 
     :param namespaces: one or more namespace roots (templated): fsspec URLs, :class:`Namespace`
         objects or mappings with ``url``, ``conn_id``, ``storage_options`` and ``folder``. A later
@@ -127,8 +127,8 @@ class NamespaceFilesMixin:
         cls.template_fields = fields + tuple(name for name in NAMESPACE_TEMPLATE_FIELDS if name not in fields)
         if cls.__init__ is NamespaceFilesMixin.__init__:
             # BaseOperatorMeta wraps __init__ with apply_defaults only when the class's __init__
-            # differs from its first base's, and the mixin is that first base; so the combined class
-            # gets its own __init__ to be wrapped.
+            # differs from its first base's. The mixin is that first base, so the combined class
+            # gets an __init__ of its own for the metaclass to wrap.
             def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
                 super(cls, self).__init__(*args, **kwargs)  # type: ignore[misc]
 

@@ -1,0 +1,265 @@
+"""
+End-to-end tests of ``BatchingLocalExecutor`` on a real Airflow deployment (api-server, scheduler,
+dag-processor, PostgreSQL), using the ``fanout`` scenario DAG: ``items`` returns ``range(n)``, the
+mapped ``work`` task returns a value per item, and ``fan_in`` fails unless it reads every value once.
+
+Whether an update was batched is read from the api-server's access log: a batched success sends no
+``PATCH /execution/task-instances/{id}/state``, a stock or fallen-back one sends exactly one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import psycopg2
+import pytest
+import requests
+
+from tests.dagrun_batching.dags.executors import HOLD_SECONDS_ENV, MARKER_DIR_ENV
+from tests.support.airflow_deployment import (
+    SCENARIO_DAGS,
+    AirflowDeployment,
+    admin_dsn,
+    count_api_requests,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+BATCHING = "kestra_perf_provider.executors.BatchingLocalExecutor"
+TEST_EXECUTORS = "tests.dagrun_batching.dags.executors"
+STATE_ROUTE = "PATCH /execution/task-instances/{id}/state"
+N = 12
+RUN_TIMEOUT = 240.0
+# Parallelism above N + 2, so every task of a run can run at once.
+PARALLELISM = 16
+
+
+def _deployment(executor: str, **extra_env: str) -> AirflowDeployment:
+    env = {"AIRFLOW__DAGRUN_BATCHING__LINGER_MS": "50", **extra_env}
+    return AirflowDeployment(
+        executor=executor, dags_folder=SCENARIO_DAGS, extra_env=env, parallelism=PARALLELISM
+    )
+
+
+class ApiLog:
+    """Counts the api-server's requests by route from the moment it is created."""
+
+    def __init__(self, deployment: AirflowDeployment) -> None:
+        self.path = deployment.components["api_server"].log_path
+        self.offset = self.path.stat().st_size
+
+    def state_patches(self) -> int:
+        return count_api_requests(self.path, self.offset).get(STATE_ROUTE, 0)
+
+
+def _scheduler_log(deployment: AirflowDeployment) -> str:
+    return deployment.components["scheduler"].log_path.read_text(errors="replace")
+
+
+def _assert_run_complete(
+    deployment: AirflowDeployment, run_id: str, n: int = N, *, first_try: bool = True
+) -> list[dict]:
+    """
+    Check every task instance succeeded once, with one success log row, and fan_in saw every value.
+
+    :param first_try: also check that no task instance needed a second try.
+    """
+    tis = deployment.task_instances("fanout", run_id)
+    mapped = [ti for ti in tis if ti["task_id"] == "work"]
+    assert sorted(ti["map_index"] for ti in mapped) == list(range(n))
+    assert {ti["state"] for ti in tis} == {"success"}, tis
+    if first_try:
+        assert {ti["try_number"] for ti in tis} == {1}, tis
+
+    logged = deployment.sql(
+        "SELECT task_id, map_index, try_number, count(*) AS n FROM log "
+        "WHERE dag_id = 'fanout' AND run_id = %s AND event = 'success' GROUP BY 1, 2, 3",
+        (run_id,),
+    )
+    # Exactly once: one success row per task instance and try, whichever path applied it.
+    assert Counter((row["task_id"], row["map_index"]) for row in logged) == Counter(
+        (ti["task_id"], ti["map_index"]) for ti in tis
+    )
+    assert {row["n"] for row in logged} == {1}
+
+    result = deployment.xcom("fanout", run_id, "fan_in")
+    assert result == {"n": n, "sum": sum(item * 3 + 1 for item in range(n))}
+    return tis
+
+
+def _end_dead_scheduler_sessions(deployment: AirflowDeployment) -> None:
+    """
+    End the database sessions of a scheduler that was killed alone.
+
+    LocalExecutor's worker processes keep inherited copies of the scheduler's database sockets, so
+    PostgreSQL does not end the dead scheduler's sessions while they live. A session killed inside a
+    transaction keeps its row locks and would block the new scheduler; the server ends such sessions
+    once every copy of the socket is closed, which a crash of the whole host would do.
+    """
+    [role] = [role for role, component in deployment.roles.items() if component == "scheduler"]
+    admin = psycopg2.connect(admin_dsn())
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s AND datname = %s",
+                (role, deployment.dbname),
+            )
+    finally:
+        admin.close()
+
+
+def _task_count(n: int = N) -> int:
+    return n + 2  # items, the mapped work tasks and fan_in
+
+
+class TestBatchingLocalExecutor:
+    def test_fanout_and_two_runs_batched(self):
+        with _deployment(BATCHING) as deployment:
+            api = ApiLog(deployment)
+            run_id = deployment.trigger("fanout", conf={"n": N})
+            assert deployment.wait_for_run("fanout", run_id, timeout=RUN_TIMEOUT) == "success"
+            _assert_run_complete(deployment, run_id)
+
+            first, second = (deployment.trigger("fanout", conf={"n": N}) for _ in range(2))
+            states = [deployment.wait_for_run("fanout", r, timeout=RUN_TIMEOUT) for r in (first, second)]
+            assert states == ["success", "success"]
+            _assert_run_complete(deployment, first)
+            _assert_run_complete(deployment, second)
+
+            assert api.state_patches() == 0
+            assert "DAG-run batching is on" in _scheduler_log(deployment)
+
+    def test_failed_apply_retried(self):
+        with _deployment(f"{TEST_EXECUTORS}.DeadlockOnceExecutor") as deployment:
+            api = ApiLog(deployment)
+            run_id = deployment.trigger("fanout", conf={"n": N})
+
+            assert deployment.wait_for_run("fanout", run_id, timeout=RUN_TIMEOUT) == "success"
+            _assert_run_complete(deployment, run_id)
+            assert api.state_patches() == 0
+            assert "Group apply failed with a transient error; retrying" in _scheduler_log(deployment)
+
+    def test_failing_apply_falls_back(self):
+        with _deployment(
+            f"{TEST_EXECUTORS}.AlwaysFailingExecutor", AIRFLOW__DAGRUN_BATCHING__FALLBACK_TIMEOUT="2"
+        ) as deployment:
+            api = ApiLog(deployment)
+            run_id = deployment.trigger("fanout", conf={"n": N})
+
+            assert deployment.wait_for_run("fanout", run_id, timeout=RUN_TIMEOUT) == "success"
+            _assert_run_complete(deployment, run_id)
+            # Every success reached the api-server through the stock path, once.
+            assert api.state_patches() == _task_count()
+
+    def test_scheduler_killed_with_pending_updates(self, tmp_path: Path):
+        markers = tmp_path / "held"
+        markers.mkdir()
+        with _deployment(
+            f"{TEST_EXECUTORS}.SlowApplyExecutor",
+            **{
+                MARKER_DIR_ENV: str(markers),
+                HOLD_SECONDS_ENV: "30",
+                "AIRFLOW__DAGRUN_BATCHING__FALLBACK_TIMEOUT": "600",
+            },
+        ) as deployment:
+            api = ApiLog(deployment)
+            run_id = deployment.trigger("fanout", conf={"n": N})
+            deadline = time.monotonic() + RUN_TIMEOUT
+            # Wait until the mapped tasks have finished and their updates wait in the held group.
+            while time.monotonic() < deadline:
+                held = list(markers.iterdir())
+                running = [
+                    ti for ti in deployment.task_instances("fanout", run_id) if ti["task_id"] == "work"
+                ]
+                if len(held) >= 2 and len(running) == N:
+                    break
+                time.sleep(0.25)
+            assert len(list(markers.iterdir())) >= 2, "no group of the mapped tasks was held"
+
+            # Only the scheduler dies: its workers and the task supervisors live on, as in a crash of
+            # the scheduler process alone, and must send their pending updates themselves.
+            deployment.kill("scheduler", whole_group=False)
+            _end_dead_scheduler_sessions(deployment)
+            deployment.start("scheduler")
+
+            assert deployment.wait_for_run("fanout", run_id, timeout=RUN_TIMEOUT) == "success"
+            # A second try is allowed: if the old scheduler's last heartbeat is old enough when the new
+            # one starts, Airflow resets task instances the dead scheduler had queued, as it does for
+            # LocalExecutor. Each task instance must still have exactly one success.
+            _assert_run_complete(deployment, run_id, first_try=False)
+            assert api.state_patches() >= 1
+
+    def test_cleared_while_waiting_is_conflict(self, tmp_path: Path):
+        markers = tmp_path / "held"
+        markers.mkdir()
+        with _deployment(
+            f"{TEST_EXECUTORS}.SlowApplyExecutor", **{MARKER_DIR_ENV: str(markers), HOLD_SECONDS_ENV: "8"}
+        ) as deployment:
+            run_id = deployment.trigger("fanout", conf={"n": 4})
+            deadline = time.monotonic() + RUN_TIMEOUT
+            # The return value of work[0] is stored just before its success update is sent, and the
+            # second held group (the first is the items task's) holds back the mapped tasks' updates.
+            while time.monotonic() < deadline:
+                returned = deployment.sql(
+                    "SELECT 1 FROM xcom WHERE dag_id = 'fanout' AND run_id = %s AND task_id = 'work' "
+                    "AND map_index = 0",
+                    (run_id,),
+                )
+                if returned and len(list(markers.iterdir())) >= 2:
+                    break
+                time.sleep(0.1)
+            [before] = [
+                ti
+                for ti in deployment.task_instances("fanout", run_id)
+                if ti["task_id"] == "work" and ti["map_index"] == 0
+            ]
+            assert before["state"] == "running"
+
+            response = requests.post(
+                f"{deployment.base_url}/api/v2/dags/fanout/clearTaskInstances",
+                json={
+                    "dry_run": False,
+                    "dag_run_id": run_id,
+                    "task_ids": [["work", 0]],
+                    "only_failed": False,
+                },
+                timeout=30,
+            )
+            assert response.status_code == 200, response.text
+
+            assert deployment.wait_for_run("fanout", run_id, timeout=RUN_TIMEOUT) == "success"
+            [after] = [
+                ti
+                for ti in deployment.task_instances("fanout", run_id)
+                if ti["task_id"] == "work" and ti["map_index"] == 0
+            ]
+            assert after["state"] == "success"
+            assert after["try_number"] == 2
+            logged = deployment.sql(
+                "SELECT try_number FROM log WHERE dag_id = 'fanout' AND run_id = %s AND task_id = 'work' "
+                "AND map_index = 0 AND event = 'success'",
+                (run_id,),
+            )
+            # The held try-1 success was not written over the cleared task instance.
+            assert [row["try_number"] for row in logged] == [2]
+            conflicts = [
+                line
+                for line in _scheduler_log(deployment).splitlines()
+                if "Success update not applied" in line and str(before["id"]) in line
+            ]
+            assert conflicts
+
+    def test_untested_version_runs_as_local_executor(self):
+        with _deployment(f"{TEST_EXECUTORS}.FutureAirflowExecutor") as deployment:
+            api = ApiLog(deployment)
+            run_id = deployment.trigger("fanout", conf={"n": N})
+
+            assert deployment.wait_for_run("fanout", run_id, timeout=RUN_TIMEOUT) == "success"
+            _assert_run_complete(deployment, run_id)
+            assert api.state_patches() == _task_count()
+            log_text = _scheduler_log(deployment)
+            assert log_text.count("DAG-run batching is off: Airflow 3.4.0 is not in a tested series") == 1
+            assert "DAG-run batching is on" not in log_text

@@ -8,12 +8,10 @@ loaded provider configuration resolves the same values.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from kestra_perf_provider.dagrun_batching.exceptions import DagRunBatchingConfigError
+from kestra_perf_provider.config import ConfigSection
 
 SECTION = "dagrun_batching"
 
@@ -94,63 +92,29 @@ class BatchingSettings:
         return self.linger_ms / 1000.0
 
 
-def _option_default(option: str) -> Any:
-    return CONFIG_SECTION["options"][option]["default"]
-
-
-def _read_option(option: str, config: Any) -> Any:
-    """Return the ``airflow.cfg`` value, or the declared default when the option is unset."""
-    if config is None:
-        from airflow.configuration import conf as config
-    value = config.get(SECTION, option, fallback=None)
-    if value is None or (isinstance(value, str) and value.strip() == ""):
-        return _option_default(option)
-    return value
-
-
-def _invalid(option: str, value: Any, expected: str) -> DagRunBatchingConfigError:
+def _config_error(message: str) -> Exception:
     # Imported here: get_provider_info() imports this module while Airflow itself is still importing,
     # and the exception's base class lives in Airflow.
     from kestra_perf_provider.dagrun_batching.exceptions import DagRunBatchingConfigError
 
-    variable = f"AIRFLOW__{SECTION.upper()}__{option.upper()}"
-    return DagRunBatchingConfigError(
-        f"Invalid [{SECTION}] {option} = {value!r}: expected {expected}. "
-        f"Fix it in airflow.cfg or in the environment variable {variable}."
-    )
+    return DagRunBatchingConfigError(message)
 
 
-def _parse_bool(option: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "t", "1", "yes", "y", "on"):
-        return True
-    if text in ("false", "f", "0", "no", "n", "off"):
-        return False
-    raise _invalid(option, value, "True or False")
+_SECTION = ConfigSection(SECTION, CONFIG_SECTION, _config_error)
 
 
-def _parse_int(option: str, value: Any, minimum: int, maximum: int) -> int:
-    expected = f"a whole number from {minimum} to {maximum}"
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise _invalid(option, value, expected) from None
-    if not minimum <= number <= maximum:
-        raise _invalid(option, value, expected)
-    return number
+def _read_option(option: str, config: Any) -> Any:
+    if config is None:
+        from airflow.configuration import conf as config
+    return _SECTION.read(option, config=config)
+
+
+_parse_bool = _SECTION.parse_bool
+_parse_int = _SECTION.parse_int
 
 
 def _parse_float(option: str, value: Any, minimum: float, maximum: float) -> float:
-    expected = f"a number of seconds from {minimum} to {maximum}"
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        raise _invalid(option, value, expected) from None
-    if not math.isfinite(number) or not minimum <= number <= maximum:
-        raise _invalid(option, value, expected)
-    return number
+    return _SECTION.parse_float(option, value, minimum, maximum, unit="a number of seconds")
 
 
 def load_batching_settings(config: Any = None) -> BatchingSettings:

@@ -16,10 +16,9 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from kestra_perf_provider.exceptions import NamespaceFilesConfigError
+from kestra_perf_provider.config import ConfigSection
 
 SECTION = "namespace_files"
 
@@ -208,63 +207,23 @@ class NamespaceFilesSettings:
     s3_presigned_downloads: bool
 
 
-def _option_default(option: str) -> Any:
-    return CONFIG_SECTION["options"][option]["default"]
-
-
-def _read_option(option: str, override: Any) -> Any:
-    """Return the argument if given, else the ``airflow.cfg`` value, else the declared default."""
-    if override is not None:
-        return override
-    try:
-        from airflow.sdk.configuration import conf
-    except ImportError:  # Outside an Airflow installation, the declared defaults apply.
-        return _option_default(option)
-    value = conf.get(SECTION, option, fallback=None)
-    if value is None or (isinstance(value, str) and value.strip() == ""):
-        return _option_default(option)
-    return value
-
-
-def _invalid(option: str, value: Any, expected: str) -> NamespaceFilesConfigError:
+def _config_error(message: str) -> Exception:
     # Imported here: get_provider_info() imports this module while Airflow loads its configuration,
     # before the exceptions module's own Airflow import can complete.
     from kestra_perf_provider.exceptions import NamespaceFilesConfigError
 
-    variable = f"AIRFLOW__{SECTION.upper()}__{option.upper()}"
-    return NamespaceFilesConfigError(
-        f"Invalid [{SECTION}] {option} = {value!r}: expected {expected}. "
-        f"Fix it in airflow.cfg or in the environment variable {variable}."
-    )
+    return NamespaceFilesConfigError(message)
 
 
-def _parse_int(option: str, value: Any, minimum: int) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise _invalid(option, value, f"a whole number >= {minimum}") from None
-    if number < minimum:
-        raise _invalid(option, value, f"a whole number >= {minimum}")
-    return number
+_SECTION = ConfigSection(SECTION, CONFIG_SECTION, _config_error)
+_read_option = _SECTION.read
+_invalid = _SECTION.invalid
+_parse_bool = _SECTION.parse_bool
+_parse_int = _SECTION.parse_int
 
 
 def _parse_float(option: str, value: Any, minimum: float) -> float:
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        raise _invalid(option, value, f"a number >= {minimum}") from None
-    if not math.isfinite(number) or number < minimum:
-        raise _invalid(option, value, f"a finite number >= {minimum}")
-    return number
-
-
-def _parse_bool(option: str, value: Any) -> bool:
-    text = str(value).strip().lower()
-    if text in ("true", "t", "1", "yes", "on"):
-        return True
-    if text in ("false", "f", "0", "no", "off"):
-        return False
-    raise _invalid(option, value, "True or False")
+    return _SECTION.parse_float(option, value, minimum)
 
 
 def parse_task_cap(value: Any, host_budget: int, option: str = "task_parallel_downloads") -> int:

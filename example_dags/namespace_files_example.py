@@ -1,7 +1,7 @@
 """
 Example DAG: stage two namespaces shipped beside this file and run a script from them.
 
-``shared`` holds scripts, data and a default config; ``team-a`` overrides the config and adds a
+``shared`` contains scripts, data and a default config; ``team-a`` overrides the config and adds a
 second quarter of data. ``airflow dags test namespace_files_example`` runs it on the embedded
 defaults (SQLite metadata database, local files). Point the URLs at ``s3://...`` with a ``conn_id``
 to stage from object storage instead.

@@ -27,8 +27,8 @@ class ConfigSection:
 
     :param name: the section name, such as ``namespace_files``.
     :param declaration: the section as ``get_provider_info()`` publishes it.
-    :param error: builds the exception for an invalid value from its message; called lazily, so
-        the exception class may live in a module that imports Airflow.
+    :param error: builds the exception for an invalid value from its message. It is called only
+        when a value is invalid, so the exception class may live in a module that imports Airflow.
     """
 
     def __init__(self, name: str, declaration: Mapping[str, Any], error: Callable[[str], Exception]) -> None:

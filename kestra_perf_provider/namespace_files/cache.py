@@ -15,8 +15,8 @@ Layout of ``cache_dir``:
   time, so the entry no longer validates and is downloaded again.
 - ``tmp/<key>.<random>.part``: downloads in progress.
 - ``locks/keys.lock``: one byte of this file per key, locked with an open file description lock
-  (``F_OFD_SETLK``: like ``flock``, it conflicts between two ``open()`` calls even in one process
-  and is released when its descriptor closes, but it covers a byte range). The holder of a key's
+  (``F_OFD_SETLK``). Like ``flock``, such a lock conflicts between two ``open()`` calls even in
+  one process and is released when its descriptor closes, but it covers a byte range. The holder of a key's
   lock may download, validate, place or evict that key's entry. Tasks that need the same missing
   file therefore download it once: the first takes the lock and downloads, the others wait for
   the lock (holding no slot of the host download budget) and then find a valid entry. A killed
@@ -346,7 +346,7 @@ class NamespaceCache:
             total -= size
             evicted += 1
         self.stats.evicted += evicted
-        log.debug("Evicted %d cache entries; the cache now holds about %d bytes", evicted, total)
+        log.debug("Evicted %d cache entries; the cache now contains about %d bytes", evicted, total)
         return evicted
 
     @staticmethod

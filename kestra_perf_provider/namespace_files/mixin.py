@@ -113,8 +113,8 @@ class NamespaceFilesMixin:
     :param namespace_cache: use the host's namespace-file cache (default: ``[namespace_files]
         cache_enabled``).
     :param namespace_cache_placement: ``auto``, ``copy`` or ``hardlink`` for this task (default:
-        ``[namespace_files] cache_placement``); set ``copy`` on a task that modifies its files when
-        the host default is ``hardlink``.
+        ``[namespace_files] cache_placement``). Set ``copy`` on a task that modifies its files
+        when the host default is ``hardlink``.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -10,9 +10,9 @@ written with ``/``:
 - ``*`` matches any characters inside one path segment, ``?`` one character, ``[abc]`` a set;
 - ``**`` as a whole segment matches zero or more folders (``scripts/**`` is everything under
   ``scripts``, ``**/*.sql`` is every ``.sql`` file at any depth);
-- a pattern without ``/`` matches the file name at any depth (``*.sql`` equals ``**/*.sql``); a
-  leading ``/`` anchors it to the root (``/*.sql`` matches top-level files only); a trailing ``/``
-  means everything under that folder (``data/`` equals ``data/**``);
+- a pattern without ``/`` matches the file name at any depth: ``*.sql`` equals ``**/*.sql``;
+- a leading ``/`` anchors a pattern to the root: ``/*.sql`` matches top-level files only;
+- a trailing ``/`` means everything under that folder: ``data/`` equals ``data/**``;
 - a segment that starts with ``.`` (a dotfile or dot-folder) is matched only by a pattern segment
   that itself starts with ``.``: ``**`` and ``*`` skip ``.git/config`` and ``.env``, while ``.env``,
   ``**/.*`` or ``.github/**`` match them.
@@ -94,10 +94,6 @@ class StagingPlan:
     kept_existing: list[Path] = field(default_factory=list)
     overridden: int = 0
     excluded: int = 0
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(planned.source.size or 0 for planned in self.downloads)
 
 
 def _segment_regex(segment: str) -> str:

@@ -9,9 +9,9 @@ the network, bounds how many small files per second a task stages. Presigning th
 request with the filesystem's own client (same endpoint, region, addressing style and credentials)
 and sending it with aiohttp costs about 0.2 ms for the signature plus 0.25 ms for the transfer.
 
-The direct path is used only when the filesystem is a plain authenticated ``S3FileSystem``; anything
-that changes the request (requester pays, anonymous access, a custom signer, proxies in botocore's
-config) keeps s3fs's own ``_get_file``. A response that asks for another region falls back to it
+The direct path is used only when the filesystem is a plain authenticated ``S3FileSystem``. Anything
+that changes the request keeps s3fs's own ``_get_file``: requester pays, anonymous access, a custom
+signer, or proxies in botocore's config. A response that asks for another region falls back to it
 too, because botocore follows such redirects and a presigned URL cannot.
 """
 

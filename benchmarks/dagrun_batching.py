@@ -85,6 +85,17 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], float | None], str]] = [
     ("api-server transactions / TI", lambda s: s["api_server_tx_per_ti"], "{:.2f}"),
     ("scheduler transactions / TI", lambda s: s["scheduler_tx_per_ti"], "{:.2f}"),
     (
+        "api-server + scheduler transactions / TI",
+        lambda s: s["api_server_tx_per_ti"] + s["scheduler_tx_per_ti"],
+        "{:.2f}",
+    ),
+    ("writing transactions / TI (server-wide)", lambda s: s.get("write_tx_per_ti"), "{:.2f}"),
+    (
+        "writing transactions / TI, minus idle rate",
+        lambda s: s.get("write_tx_per_ti_net"),
+        "{:.2f}",
+    ),
+    (
         "api-server statements / TI (all, with BEGIN/COMMIT)",
         lambda s: s["statements_per_ti"].get("api_server"),
         "{:.1f}",

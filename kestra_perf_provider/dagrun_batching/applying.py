@@ -10,11 +10,14 @@ for one success update, in this order:
 2. A check of each update as the API server makes it, plus the try number: a row that is already
    ``success`` for the same try is an update applied before (reported as applied, nothing written);
    a row that is missing, not ``running``, or running another try is a conflict and is left alone.
-3. The asset events of each task, through Airflow's own ``TaskInstance.register_asset_changes_in_db``.
-4. One ``UPDATE ... FROM (VALUES ...)`` of state, end_date, duration, rendered_map_index,
+3. The writes each supervisor held back to commit with its success (``fold_task_writes``): its
+   rendered template fields, through ``RenderedTaskInstanceFields.write`` as ``PUT /rtif`` does, and
+   its return-value XCom, through ``XComModel.set`` as ``POST /xcoms`` does.
+4. The asset events of each task, through Airflow's own ``TaskInstance.register_asset_changes_in_db``.
+5. One ``UPDATE ... FROM (VALUES ...)`` of state, end_date, duration, rendered_map_index,
    next_method and next_kwargs for all applied rows, then one multi-row insert of their ``log`` rows,
    then the state-store cleanup when ``[state_store] clear_on_success`` is set.
-5. One ``INSERT ... ON CONFLICT DO NOTHING`` into ``asset_dag_run_queue`` with each (asset, consumer
+6. One ``INSERT ... ON CONFLICT DO NOTHING`` into ``asset_dag_run_queue`` with each (asset, consumer
    DAG) pair once, as the last statement before the single ``COMMIT``. The API server writes the same
    row once per task, before its other statements, and holds its lock until its commit.
 
@@ -183,6 +186,7 @@ class GroupApplier:
             checked = self._lock_and_check(session, list(unique.values()), outcomes)
             self._inject("locked", attempt)
             if checked:
+                _write_held_writes(session, checked)
                 with _deferred_asset_queue_inserts(session) as queue_rows:
                     for item in checked:
                         asset_callbacks.extend(self._register_assets(session, item))
@@ -323,6 +327,39 @@ class GroupApplier:
         session.flush()
         _clear_task_state_on_success(session, checked)
         _emit_task_spans(checked)
+
+
+def _write_held_writes(session: Session, checked: list[_Checked]) -> None:
+    """Write the rendered fields and XComs the supervisors held, as the API server's routes do."""
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields
+    from airflow.models.xcom import XComModel
+
+    rendered_tasks: set[tuple[str, str]] = set()
+    for item in checked:
+        update = item.update
+        if update.rendered_fields is not None:
+            rtif = RenderedTaskInstanceFields(
+                ti=item.ti, render_templates=False, rendered_fields=dict(update.rendered_fields)
+            )
+            rtif.write(session=session)
+            rendered_tasks.add((item.ti.dag_id, item.ti.task_id))
+        for xcom in update.xcoms:
+            XComModel.set(
+                key=xcom["key"],
+                value=xcom["value"],
+                dag_id=item.ti.dag_id,
+                task_id=item.ti.task_id,
+                run_id=item.ti.run_id,
+                map_index=item.ti.map_index,
+                serialize=False,
+                dag_result=bool(xcom.get("dag_result")),
+                session=session,
+            )
+    if rendered_tasks:
+        session.flush()
+    # PUT /rtif trims old runs' rows after each write; once per task of the group leaves the same rows.
+    for dag_id, task_id in sorted(rendered_tasks):
+        RenderedTaskInstanceFields.delete_old_records(task_id, dag_id, session=session)
 
 
 def _all(updates: Sequence[StateUpdate], outcome: Outcome) -> dict[tuple, Outcome]:

@@ -148,7 +148,7 @@ class BatchingLocalExecutor(LocalExecutor):
                 "unread_messages": self._unread_messages,
                 "team_conf": self.conf,
                 "sender": self._sender,
-                "fallback_timeout": self.batching_settings.fallback_timeout,
+                "settings": self.batching_settings,
             },
         )
         process.start()

@@ -72,6 +72,42 @@ CONFIG_SECTION: dict[str, Any] = {
             "example": "30",
             "default": "15",
         },
+        "fold_task_writes": {
+            "description": (
+                "Hold a task's rendered template fields and its return-value XCom in its supervisor and "
+                "write them in the transaction that applies its success, instead of one API request "
+                "and transaction each. Downstream tasks see the XCom with the success, as before. The "
+                "UI shows a running task's rendered fields up to max_write_hold_ms later than stock "
+                "Airflow does. Writes are sent as stock Airflow sends them, in their original order, "
+                "before any other request of the task, and whenever the task does not end in a "
+                "batched success."
+            ),
+            "version_added": "0.1.0",
+            "type": "boolean",
+            "example": "False",
+            "default": "True",
+        },
+        "max_write_hold_ms": {
+            "description": (
+                "Longest time, in milliseconds, a held write (see fold_task_writes) waits for the task "
+                "to succeed before the supervisor sends it on its own."
+            ),
+            "version_added": "0.1.0",
+            "type": "integer",
+            "example": "3000",
+            "default": "1000",
+        },
+        "skip_start_heartbeat": {
+            "description": (
+                "Answer the heartbeat a supervisor sends right after its task starts without a request: "
+                "the start request (PATCH /run) has just recorded the same heartbeat. Later heartbeats, "
+                "every [workers] min_heartbeat_interval, are sent as before."
+            ),
+            "version_added": "0.1.0",
+            "type": "boolean",
+            "example": "False",
+            "default": "True",
+        },
     },
 }
 
@@ -85,11 +121,19 @@ class BatchingSettings:
     linger_ms: int
     max_concurrent_groups: int
     fallback_timeout: float
+    fold_task_writes: bool = True
+    max_write_hold_ms: int = 1000
+    skip_start_heartbeat: bool = True
 
     @property
     def linger_seconds(self) -> float:
         """``linger_ms`` in seconds."""
         return self.linger_ms / 1000.0
+
+    @property
+    def max_write_hold_seconds(self) -> float:
+        """``max_write_hold_ms`` in seconds."""
+        return self.max_write_hold_ms / 1000.0
 
 
 def _config_error(message: str) -> Exception:
@@ -135,5 +179,13 @@ def load_batching_settings(config: Any = None) -> BatchingSettings:
         ),
         fallback_timeout=_parse_float(
             "fallback_timeout", _read_option("fallback_timeout", config), 0.1, 3_600.0
+        ),
+        fold_task_writes=_parse_bool("fold_task_writes", _read_option("fold_task_writes", config)),
+        # A minute bounds the hold: the rendered fields are what a user debugging a running task reads.
+        max_write_hold_ms=_parse_int(
+            "max_write_hold_ms", _read_option("max_write_hold_ms", config), 0, 60_000
+        ),
+        skip_start_heartbeat=_parse_bool(
+            "skip_start_heartbeat", _read_option("skip_start_heartbeat", config)
         ),
     )

@@ -2,7 +2,9 @@
 Task-state updates and their outcomes, shared by the transport, the coalescer and the applier.
 
 An update is the body a task's supervisor would send as ``PATCH /task-instances/{id}/state``, plus
-the identity the applier checks before writing it: the task instance id and its try number.
+the identity the applier checks before writing it (the task instance id and its try number), plus
+the writes the supervisor held back so that they commit with the state: the rendered template
+fields (``PUT /task-instances/{id}/rtif``) and the return-value XCom (``POST /xcoms/...``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class StateUpdate:
     :param run_id: run id of the task instance.
     :param payload: the JSON body of ``PATCH /task-instances/{id}/state`` as the stock client sends
         it, so the applier validates it with the API server's own data model.
+    :param rendered_fields: the body of the held ``PUT /rtif``, or None when nothing was held.
+    :param xcoms: the held ``POST /xcoms`` writes of this task instance, in the order the task made
+        them, each ``{"key": ..., "value": ..., "dag_result": ...}`` with the value as the task
+        serialised it.
     """
 
     ti_id: uuid.UUID
@@ -35,6 +41,8 @@ class StateUpdate:
     dag_id: str
     run_id: str
     payload: dict[str, Any]
+    rendered_fields: dict[str, Any] | None = None
+    xcoms: tuple[dict[str, Any], ...] = ()
 
     @property
     def group_key(self) -> GroupKey:
@@ -54,6 +62,8 @@ class StateUpdate:
             "dag_id": self.dag_id,
             "run_id": self.run_id,
             "payload": self.payload,
+            "rendered_fields": self.rendered_fields,
+            "xcoms": list(self.xcoms),
         }
 
     @classmethod
@@ -65,6 +75,8 @@ class StateUpdate:
             dag_id=str(data["dag_id"]),
             run_id=str(data["run_id"]),
             payload=dict(data["payload"]),
+            rendered_fields=data.get("rendered_fields"),
+            xcoms=tuple(data.get("xcoms") or ()),
         )
 
 

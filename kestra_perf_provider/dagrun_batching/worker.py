@@ -4,8 +4,15 @@ Worker side of DAG-run batching: LocalExecutor worker processes whose supervisor
 Airflow's ``supervise_task()`` accepts a preconfigured API client. The worker passes a
 :class:`BatchingClient`, a subclass of the task SDK's ``Client`` whose ``task_instances.succeed()`` hands
 the update to the coalescer through a transport instead of sending ``PATCH /task-instances/{id}/state``.
+
+With ``fold_task_writes``, the client also holds back two writes of its own task instance, the
+rendered template fields (``PUT /rtif``) and the return-value XCom (``POST /xcoms``), and sends them
+with the success update, so they commit in the group's transaction. A held write is sent as stock
+Airflow sends it, in its original order, before any other request the client makes, when it has been
+held for ``max_write_hold_ms``, and when the success is not applied in a group.
+
 Every other call, including ``finish()`` (failed), ``retry()`` (up_for_retry), deferral, reschedule,
-heartbeats, rendered fields and XComs, goes to the API server unchanged. No Airflow class is patched.
+later heartbeats and other XComs, goes to the API server unchanged. No Airflow class is patched.
 """
 
 from __future__ import annotations
@@ -15,12 +22,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import httpx
-from airflow.sdk.api.client import Client, ServerResponseError, TaskInstanceOperations
+from airflow.sdk.api.client import Client, ServerResponseError, TaskInstanceOperations, XComOperations
 
 from kestra_perf_provider.dagrun_batching.exceptions import TransportError
 from kestra_perf_provider.dagrun_batching.updates import OutcomeKind, StateUpdate
@@ -29,9 +38,137 @@ if TYPE_CHECKING:
     import uuid
     from datetime import datetime
 
+    from kestra_perf_provider.dagrun_batching.settings import BatchingSettings
     from kestra_perf_provider.dagrun_batching.transport import UpdateSender
 
 log = logging.getLogger(__name__)
+
+_RETURN_VALUE_KEY = "return_value"
+
+
+class HeldWrites:
+    """
+    Writes of one task instance held back so that they commit with its success.
+
+    One lock orders everything: the client takes it before each request to send what is held first,
+    the timer takes it to send writes held for too long, and ``succeed()`` takes it to move the held
+    writes into its update. A write is therefore sent at most once, and never after a request the
+    task made later.
+
+    :param client: the client whose stock operations send the writes.
+    :param ti: the task instance the supervisor runs.
+    :param max_hold: seconds a write may be held before it is sent on its own.
+    """
+
+    def __init__(self, client: Client, ti: Any, max_hold: float) -> None:
+        self._client = client
+        self._ti = ti
+        self._max_hold = max_hold
+        self._lock = threading.RLock()
+        self._sending = False
+        self._rendered_fields: dict[str, Any] | None = None
+        self._xcoms: list[dict[str, Any]] = []
+        self._timer: threading.Timer | None = None
+
+    def hold_rendered_fields(self, body: dict[str, Any]) -> None:
+        """Hold the body of ``PUT /rtif``; a later body replaces it, as the server's upsert would."""
+        with self._lock:
+            self._rendered_fields = body
+            self._start_timer()
+
+    def hold_xcom(self, key: str, value: Any, dag_result: bool) -> None:
+        """Hold one ``POST /xcoms`` of the task instance."""
+        with self._lock:
+            self._xcoms.append({"key": key, "value": value, "dag_result": bool(dag_result)})
+            self._start_timer()
+
+    def take(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """Remove and return what is held; the caller folds it into its update or passes it to :meth:`send`."""
+        with self._lock:
+            taken = (self._rendered_fields, self._xcoms)
+            self._rendered_fields, self._xcoms = None, []
+            self._cancel_timer()
+            return taken
+
+    def send(self, rendered_fields: dict[str, Any] | None, xcoms: list[dict[str, Any]]) -> None:
+        """
+        Send writes through the stock API calls, rendered fields first, as the task made them.
+
+        :raises Exception: what the stock call raised; the writes not sent yet are held again.
+        """
+        with self._lock:
+            self._sending = True
+            try:
+                if rendered_fields is not None:
+                    self._send_rendered_fields(rendered_fields)
+                    rendered_fields = None
+                while xcoms:
+                    item = xcoms[0]
+                    XComOperations(self._client).set(
+                        self._ti.dag_id,
+                        self._ti.run_id,
+                        self._ti.task_id,
+                        item["key"],
+                        item["value"],
+                        self._ti.map_index,
+                        dag_result=item["dag_result"],
+                    )
+                    xcoms = xcoms[1:]
+            except BaseException:
+                # Held again, ahead of anything held since, so the next flush retries them in order.
+                if self._rendered_fields is None:
+                    self._rendered_fields = rendered_fields
+                self._xcoms = list(xcoms) + self._xcoms
+                self._start_timer()
+                raise
+            finally:
+                self._sending = False
+
+    def flush(self) -> None:
+        """Send whatever is held. Requests made while sending (this thread's own) skip the flush."""
+        with self._lock:
+            if self._sending or (self._rendered_fields is None and not self._xcoms):
+                return
+            self.send(*self.take())
+
+    def close(self) -> None:
+        """Stop the timer."""
+        with self._lock:
+            self._cancel_timer()
+
+    def _send_rendered_fields(self, body: dict[str, Any]) -> None:
+        try:
+            TaskInstanceOperations(self._client).set_rtif(self._ti.id, body)
+        except ServerResponseError as err:
+            # The supervisor skips the same 410: a retry or a clear archived the task instance.
+            if err.response.status_code != HTTPStatus.GONE:
+                raise
+            log.debug("Held rendered fields dropped: the task instance was archived. ti_id=%s", self._ti.id)
+
+    def _start_timer(self) -> None:
+        if self._timer is not None:
+            return
+        self._timer = threading.Timer(self._max_hold, self._on_timer)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+            try:
+                self.flush()
+            except Exception:
+                log.warning(
+                    "Held writes of ti_id=%s could not be sent yet; they are sent again before the "
+                    "next request.",
+                    self._ti.id,
+                    exc_info=True,
+                )
 
 
 class BatchingTaskInstanceOperations(TaskInstanceOperations):
@@ -41,16 +178,64 @@ class BatchingTaskInstanceOperations(TaskInstanceOperations):
     :param client: the owning client, used for every other call and for the fallback.
     :param ti: the task instance the supervisor runs (``id``, ``try_number``, ``dag_id``, ``run_id``).
     :param sender: the transport's sending side.
-    :param fallback_timeout: seconds to wait for the outcome before sending the stock request.
+    :param settings: the ``[dagrun_batching]`` settings.
+    :param held: the client's held writes, or None when writes are not folded.
     """
 
-    __slots__ = ("_fallback_timeout", "_sender", "_ti")
+    __slots__ = ("_held", "_min_heartbeat_interval", "_sender", "_settings", "_started_at", "_ti")
 
-    def __init__(self, client: Client, *, ti: Any, sender: UpdateSender, fallback_timeout: float) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        ti: Any,
+        sender: UpdateSender,
+        settings: BatchingSettings,
+        held: HeldWrites | None,
+    ) -> None:
         super().__init__(client)
         self._ti = ti
         self._sender = sender
-        self._fallback_timeout = fallback_timeout
+        self._settings = settings
+        self._held = held
+        self._started_at: float | None = None
+        self._min_heartbeat_interval = _min_heartbeat_interval()
+
+    def start(self, id: uuid.UUID, pid: int, when: datetime):
+        """Send ``PATCH /run`` as stock Airflow does, and note when it recorded the first heartbeat."""
+        context = super().start(id, pid, when)
+        if id == self._ti.id:
+            self._started_at = time.monotonic()
+        return context
+
+    def heartbeat(self, id: uuid.UUID, pid: int):
+        """
+        Send the heartbeat, except the first one when ``PATCH /run`` recorded it moments ago.
+
+        The supervisor sends its first heartbeat as soon as the task starts, then one every
+        ``[workers] min_heartbeat_interval``. ``PATCH /run`` has just set ``last_heartbeat_at`` and
+        checked the host and pid, so the first heartbeat inside that interval tells the server nothing.
+        """
+        started_at = self._started_at
+        if (
+            self._settings.skip_start_heartbeat
+            and id == self._ti.id
+            and started_at is not None
+            and time.monotonic() - started_at < self._min_heartbeat_interval
+        ):
+            self._started_at = None  # Only the first: later ones keep stock timing.
+            return None
+        self._started_at = None
+        return super().heartbeat(id, pid)
+
+    def set_rtif(self, id: uuid.UUID, body: dict[str, str]):
+        """Hold this task's rendered fields to write them with its success; send any other task's."""
+        if self._held is None or id != self._ti.id:
+            return super().set_rtif(id, body)
+        from airflow.sdk.execution_time.comms import OKResponse
+
+        self._held.hold_rendered_fields(body)
+        return OKResponse(ok=True)
 
     def succeed(self, id: uuid.UUID, when: datetime, task_outlets, outlet_events, rendered_map_index):
         """Have the executor apply this success with the rest of its DAG run, or send it as stock does."""
@@ -66,27 +251,95 @@ class BatchingTaskInstanceOperations(TaskInstanceOperations):
             outlet_events=outlet_events,
             rendered_map_index=rendered_map_index,
         )
+        rendered_fields, xcoms = self._held.take() if self._held is not None else (None, [])
         update = StateUpdate(
             ti_id=id,
             try_number=int(self._ti.try_number),
             dag_id=self._ti.dag_id,
             run_id=self._ti.run_id,
             payload=json.loads(body.model_dump_json()),
+            rendered_fields=rendered_fields,
+            xcoms=tuple(xcoms),
         )
         try:
-            outcome = self._sender.send(update, timeout=self._fallback_timeout)
+            outcome = self._sender.send(update, timeout=self._settings.fallback_timeout)
         except TransportError as err:
             log.warning("Batched success update not delivered; sending it to the API server. %s", err)
-            return super().succeed(id, when, task_outlets, outlet_events, rendered_map_index)
+            outcome = None
 
-        if outcome.kind is OutcomeKind.APPLIED:
+        if outcome is not None and outcome.kind is OutcomeKind.APPLIED:
             return None
-        if outcome.kind is OutcomeKind.CONFLICT:
+        # Not applied: the held writes go out as stock Airflow sends them, before the state update,
+        # so the database ends as it would have without batching.
+        if self._held is not None:
+            self._held.send(rendered_fields, xcoms)
+        if outcome is not None and outcome.kind is OutcomeKind.CONFLICT:
             raise _conflict_error(self.client, id, outcome.reason, outcome.previous_state)
-        log.warning(
-            "Batched success update fell back to the API server. ti_id=%s reason=%s", id, outcome.reason
-        )
+        if outcome is not None:
+            log.warning(
+                "Batched success update fell back to the API server. ti_id=%s reason=%s", id, outcome.reason
+            )
         return super().succeed(id, when, task_outlets, outlet_events, rendered_map_index)
+
+
+class BatchingXComOperations(XComOperations):
+    """
+    ``client.xcoms`` of a :class:`BatchingClient`: holds the task's own return value.
+
+    Only the return value of the supervisor's own task instance is held: the task pushes it after
+    ``execute()`` returns and reports success next, so nothing reads it in between. A value that
+    feeds a mapped downstream task (``mapped_length`` set) is sent at once, because the API server
+    checks its length against ``[core] max_map_length`` and the task must see that error.
+    """
+
+    __slots__ = ("_held", "_ti")
+
+    def __init__(self, client: Client, *, ti: Any, held: HeldWrites) -> None:
+        super().__init__(client)
+        self._ti = ti
+        self._held = held
+
+    def set(
+        self,
+        dag_id: str,
+        run_id: str,
+        task_id: str,
+        key: str,
+        value,
+        map_index: int | None = None,
+        *,
+        dag_result: bool = False,
+        mapped_length: int | None = None,
+    ):
+        """Hold this task's return value to write it with its success; send any other XCom."""
+        own = (
+            key == _RETURN_VALUE_KEY
+            and mapped_length is None
+            and (dag_id, run_id, task_id) == (self._ti.dag_id, self._ti.run_id, self._ti.task_id)
+            and _same_map_index(map_index, self._ti.map_index)
+        )
+        if not own:
+            return super().set(
+                dag_id, run_id, task_id, key, value, map_index, dag_result=dag_result, mapped_length=mapped_length
+            )
+        from airflow.sdk.execution_time.comms import OKResponse
+
+        self._held.hold_xcom(key, value, dag_result)
+        return OKResponse(ok=True)
+
+
+def _same_map_index(requested: int | None, own: int | None) -> bool:
+    # The client sends no map index for -1 or None; both mean "not mapped".
+    def normal(value: int | None) -> int:
+        return -1 if value is None or value < 0 else value
+
+    return normal(requested) == normal(own)
+
+
+def _min_heartbeat_interval() -> float:
+    from airflow.configuration import conf
+
+    return conf.getfloat("workers", "min_heartbeat_interval")
 
 
 def _conflict_error(
@@ -117,20 +370,54 @@ class BatchingClient(Client):
 
     :param ti: the task instance this client's supervisor runs.
     :param sender: the transport's sending side.
-    :param fallback_timeout: seconds to wait for a batched outcome before sending the stock request.
+    :param settings: the ``[dagrun_batching]`` settings.
     :param kwargs: passed to ``Client`` (``base_url``, ``token``, httpx options).
     """
 
-    def __init__(self, *, ti: Any, sender: UpdateSender, fallback_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *, ti: Any, sender: UpdateSender, settings: BatchingSettings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._held = HeldWrites(self, ti, settings.max_write_hold_seconds) if settings.fold_task_writes else None
         self._batching_task_instances = BatchingTaskInstanceOperations(
-            self, ti=ti, sender=sender, fallback_timeout=fallback_timeout
+            self, ti=ti, sender=sender, settings=settings, held=self._held
+        )
+        self._batching_xcoms = (
+            BatchingXComOperations(self, ti=ti, held=self._held)
+            if self._held is not None
+            else XComOperations(self)
         )
 
     @property
     def task_instances(self) -> TaskInstanceOperations:
         """Operations on task instances, with batched success updates."""
         return self._batching_task_instances
+
+    @property
+    def xcoms(self) -> XComOperations:
+        """Operations on XComs, holding the task's own return value when writes are folded."""
+        return self._batching_xcoms
+
+    def request(self, method: str, url: Any, *args: Any, **kwargs: Any):
+        """Send what is held first, so the server sees the task's writes in the order it made them."""
+        if self._held is not None:
+            try:
+                self._held.flush()
+            except Exception:
+                # A write that failed must not keep the task instance from reaching its final state;
+                # any other request fails as the write's own request would have.
+                if not (method == "PATCH" and str(url).endswith("/state")):
+                    raise
+                log.warning("Held writes could not be sent before the state update.", exc_info=True)
+        return super().request(method, url, *args, **kwargs)
+
+    def close(self) -> None:
+        """Send what is still held (a task that ended without a state update), then close."""
+        if self._held is not None:
+            self._held.close()
+            try:
+                self._held.flush()
+            except Exception:
+                log.warning("Held writes could not be sent before the client closed.", exc_info=True)
+        super().close()
 
 
 def _is_valid_server_url(server: str | None) -> bool:
@@ -141,7 +428,7 @@ def _is_valid_server_url(server: str | None) -> bool:
 
 
 def run_workload(
-    workload: Any, *, server: str, proctitle: str, sender: UpdateSender, fallback_timeout: float
+    workload: Any, *, server: str, proctitle: str, sender: UpdateSender, settings: BatchingSettings
 ):
     """
     Run one workload as ``BaseExecutor.run_workload`` does, with a batching client for task workloads.
@@ -170,7 +457,7 @@ def run_workload(
     client = BatchingClient(
         ti=workload.ti,
         sender=sender,
-        fallback_timeout=fallback_timeout,
+        settings=settings,
         base_url=server,
         token=workload.token,
         limits=httpx.Limits(max_keepalive_connections=1, max_connections=10),
@@ -198,7 +485,7 @@ def run_batching_worker(
     unread_messages,
     team_conf,
     sender: UpdateSender,
-    fallback_timeout: float,
+    settings: BatchingSettings,
 ) -> None:
     """
     Serve workloads from the executor's queue: LocalExecutor's worker loop with :func:`run_workload`.
@@ -245,7 +532,7 @@ def run_batching_worker(
                 server=get_execution_api_server_url(team_conf),
                 proctitle=f"{prefix} {workload.display_name}",
                 sender=sender,
-                fallback_timeout=fallback_timeout,
+                settings=settings,
             )
             output.put((workload.key, workload.success_state, None))
         except Exception as e:  # noqa: BLE001 - reported to the scheduler as the workload's failure, as LocalExecutor does

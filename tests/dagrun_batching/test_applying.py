@@ -135,10 +135,18 @@ def dag_run(session_factory):
 
 
 def _update(
-    ti, *, try_number: int = 1, outlets: bool | None = None, rendered: str | None = None
+    ti,
+    *,
+    try_number: int = 1,
+    outlets: bool | None = None,
+    rendered: str | None = None,
+    rendered_fields: dict | None = None,
+    xcoms: tuple = (),
 ) -> StateUpdate:
     with_outlets = ti.task_id.startswith("produce") if outlets is None else outlets
     return StateUpdate(
+        rendered_fields=rendered_fields,
+        xcoms=xcoms,
         ti_id=ti.id,
         try_number=try_number,
         dag_id=ti.dag_id,
@@ -460,3 +468,63 @@ class TestGroupApplier:
         with engine.connect() as conn:
             queued = conn.execute(text("SELECT target_dag_id FROM asset_dag_run_queue")).scalars().all()
         assert queued == ["batching_apply_consumer"]
+
+    def test_held_writes_commit_with_success(self, engine, session_factory, dag_run, statements):
+        applier = GroupApplier(session_factory)
+        key = _group_key(dag_run)
+        updates = [
+            _update(
+                ti,
+                rendered_fields={"op_args": f"[{ti.task_id!r}]", "password": "s3cr3t"},
+                xcoms=({"key": "return_value", "value": {"task": ti.task_id}, "dag_result": False},),
+            )
+            for ti in dag_run.values()
+        ]
+
+        outcomes = applier(key, updates, _deadline())
+
+        assert {outcome.kind for outcome in outcomes.values()} == {OutcomeKind.APPLIED}
+        assert statements.count("COMMIT") == 1
+        xcoms = _rows(
+            engine, key[1], "SELECT task_id, key, value, xmin::text FROM xcom WHERE run_id = :run_id"
+        )
+        assert {(row.task_id, row.key) for row in xcoms} == {(t, "return_value") for t in dag_run}
+        # XCom values are stored as JSON; a downstream task reads them back through the same model.
+        assert {row.task_id: row.value for row in xcoms} == {t: {"task": t} for t in dag_run}
+        rtif = _rows(
+            engine,
+            key[1],
+            "SELECT task_id, rendered_fields, xmin::text FROM rendered_task_instance_fields "
+            "WHERE run_id = :run_id",
+        )
+        assert {row.task_id for row in rtif} == set(dag_run)
+        fields = {row.task_id: row.rendered_fields for row in rtif}
+        assert fields["plain_0"]["op_args"] == "['plain_0']"
+        # Redacted on the way in, as PUT /rtif does for fields that look like secrets.
+        assert fields["plain_0"]["password"] == "***"
+        states = _rows(engine, key[1], "SELECT xmin::text FROM task_instance WHERE run_id = :run_id")
+        # The state, the XComs and the rendered fields were written by the same transaction.
+        assert len({row.xmin for row in (*xcoms, *rtif, *states)}) == 1
+
+    def test_conflict_writes_nothing_held(self, engine, session_factory, dag_run):
+        from airflow.models.taskinstance import TaskInstance
+
+        cleared = dag_run["plain_4"]
+        with session_factory() as session:
+            session.execute(update(TaskInstance).where(TaskInstance.id == cleared.id).values(state=None))
+            session.commit()
+        held = _update(
+            cleared,
+            rendered_fields={"op_args": "[]"},
+            xcoms=({"key": "return_value", "value": 1, "dag_result": False},),
+        )
+
+        outcomes = GroupApplier(session_factory)(_group_key(dag_run), [held], _deadline())
+
+        assert outcomes[held.identity].kind is OutcomeKind.CONFLICT
+        # The supervisor sends its held writes itself after a conflict, as stock Airflow would have.
+        assert _rows(engine, cleared.run_id, "SELECT 1 FROM xcom WHERE run_id = :run_id") == []
+        assert (
+            _rows(engine, cleared.run_id, "SELECT 1 FROM rendered_task_instance_fields WHERE run_id = :run_id")
+            == []
+        )

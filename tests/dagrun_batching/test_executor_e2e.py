@@ -9,6 +9,7 @@ Whether an update was batched is read from the api-server's access log: a batche
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,6 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 BATCHING = "kestra_perf_provider.executors.BatchingLocalExecutor"
 TEST_EXECUTORS = "tests.dagrun_batching.dags.executors"
 STATE_ROUTE = "PATCH /execution/task-instances/{id}/state"
+_XCOM_POST = re.compile(r"method=POST path=/execution/xcoms/[^/\s]+/[^/\s]+/([^/\s]+)/([^/\s?]+)")
 N = 12
 RUN_TIMEOUT = 240.0
 # Parallelism above N + 2, so every task of a run can run at once.
@@ -51,7 +53,17 @@ class ApiLog:
         self.offset = self.path.stat().st_size
 
     def state_patches(self) -> int:
-        return count_api_requests(self.path, self.offset).get(STATE_ROUTE, 0)
+        return self.routes().get(STATE_ROUTE, 0)
+
+    def routes(self) -> dict[str, int]:
+        return count_api_requests(self.path, self.offset)
+
+    def xcom_posts(self) -> list[tuple[str, str]]:
+        """Return ``(task_id, key)`` of every ``POST /execution/xcoms`` in arrival order."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            text = handle.read().decode("utf-8", errors="replace")
+        return _XCOM_POST.findall(text)
 
 
 def _scheduler_log(deployment: AirflowDeployment) -> str:
@@ -87,6 +99,32 @@ def _assert_run_complete(
     result = deployment.xcom("fanout", run_id, "fan_in")
     assert result == {"n": n, "sum": sum(item * 3 + 1 for item in range(n))}
     return tis
+
+
+def _assert_writes_folded(deployment: AirflowDeployment, api: ApiLog, *, runs: int) -> None:
+    """
+    Check that rendered fields and return values were written with the successes, not on their own.
+
+    The mapped ``work`` tasks send neither. ``items`` pushes its return value at once, because it feeds
+    a mapped task and the API server checks its length. ``fan_in`` returns a dict, so it pushes one
+    XCom per key at once. In both, that push sends the held rendered fields first, in task order.
+    """
+    routes = api.routes()
+    assert routes.get("PUT /execution/task-instances/{id}/rtif", 0) == 2 * runs, routes
+    # Tasks this short send no heartbeat: PATCH /run recorded the first one.
+    assert routes.get("PUT /execution/task-instances/{id}/heartbeat", 0) == 0, routes
+    posted = Counter(api.xcom_posts())
+    assert posted == Counter({("items", "return_value"): runs, ("fan_in", "n"): runs, ("fan_in", "sum"): runs})
+    rendered = deployment.sql(
+        "SELECT t.task_id, t.map_index, r.rendered_fields FROM task_instance t "
+        "LEFT JOIN rendered_task_instance_fields r USING (dag_id, task_id, run_id, map_index) "
+        "WHERE t.dag_id = 'fanout'"
+    )
+    assert len(rendered) == runs * _task_count(), rendered
+    missing = [(row["task_id"], row["map_index"]) for row in rendered if row["rendered_fields"] is None]
+    assert missing == []
+    work = [row for row in rendered if row["task_id"] == "work"]
+    assert all("op_args" in row["rendered_fields"] for row in work), work[:3]
 
 
 def _end_dead_scheduler_sessions(deployment: AirflowDeployment) -> None:
@@ -131,6 +169,7 @@ class TestBatchingLocalExecutor:
 
             assert api.state_patches() == 0
             assert "DAG-run batching is on" in _scheduler_log(deployment)
+            _assert_writes_folded(deployment, api, runs=3)
 
     def test_failed_apply_retried(self):
         with _deployment(f"{TEST_EXECUTORS}.DeadlockOnceExecutor") as deployment:
@@ -200,15 +239,17 @@ class TestBatchingLocalExecutor:
         ) as deployment:
             run_id = deployment.trigger("fanout", conf={"n": 4})
             deadline = time.monotonic() + RUN_TIMEOUT
-            # The return value of work[0] is stored just before its success update is sent, and the
-            # second held group (the first is the items task's) holds back the mapped tasks' updates.
+            # work[0] logs "Pushing xcom" just before it reports success; its return value is held
+            # with that update, and the second held group (the first is the items task's) holds the
+            # mapped tasks' updates back.
+            task_logs = deployment.home / "logs" / "dag_id=fanout" / f"run_id={run_id}" / "task_id=work"
             while time.monotonic() < deadline:
-                returned = deployment.sql(
-                    "SELECT 1 FROM xcom WHERE dag_id = 'fanout' AND run_id = %s AND task_id = 'work' "
-                    "AND map_index = 0",
-                    (run_id,),
-                )
-                if returned and len(list(markers.iterdir())) >= 2:
+                pushed = [
+                    path
+                    for path in task_logs.glob("map_index=0/attempt=1*.log")
+                    if "Pushing xcom" in path.read_text(errors="replace")
+                ]
+                if pushed and len(list(markers.iterdir())) >= 2:
                     break
                 time.sleep(0.1)
             [before] = [
@@ -245,6 +286,8 @@ class TestBatchingLocalExecutor:
             )
             # The held try-1 success was not written over the cleared task instance.
             assert [row["try_number"] for row in logged] == [2]
+            # Try 2 stored its own return value; the fan-in read every value once.
+            _assert_run_complete(deployment, run_id, n=4, first_try=False)
             conflicts = [
                 line
                 for line in _scheduler_log(deployment).splitlines()

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCENARIO_DAGS = Path(__file__).resolve().parent / "scenario_dags"
+IDLE_WRITES_KEY = "writes"
+"""Key of the server-wide rate of writing transactions in :meth:`AirflowDeployment.measure_idle`."""
 
 PG_HOST = os.environ.get("KESTRA_PERF_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("KESTRA_PERF_PG_PORT", "5432"))
@@ -130,6 +132,8 @@ class Figures:
     """Seconds the database counters were open, for subtracting the idle rate."""
     database: dict[str, int]
     """``pg_stat_database`` deltas (``xact_commit``, ``xact_rollback``, ``deadlocks``), which can lag the window."""
+    write_transactions: int
+    """Transactions that wrote, server-wide (every component and database), from the transaction-id counter."""
     statement_evictions: int
     """Server-wide ``pg_stat_statements`` evictions in the window. Above zero, the counts may be too low."""
     sampled_lock_waits: list[pg_instruments.SampledLockWait]
@@ -156,6 +160,13 @@ class Figures:
         total = float(counts.transactions) if counts else 0.0
         if net_of_idle:
             total -= self.idle_transactions_per_s.get(component, 0.0) * self.window_s
+        return total
+
+    def writes(self, *, net_of_idle: bool = False) -> float:
+        """Writing transactions in the window, optionally minus the idle rate of writes."""
+        total = float(self.write_transactions)
+        if net_of_idle:
+            total -= self.idle_transactions_per_s.get(IDLE_WRITES_KEY, 0.0) * self.window_s
         return total
 
     def lock_wait_summary(self) -> dict[str, Any]:
@@ -192,6 +203,8 @@ class Figures:
             "scheduler_tx_per_ti": per(self.transactions("scheduler")),
             "scheduler_tx_per_ti_net": per(self.transactions("scheduler", net_of_idle=True)),
             "dag_processor_tx_per_ti": per(self.transactions("dag_processor")),
+            "write_tx_per_ti": per(self.writes()),
+            "write_tx_per_ti_net": per(self.writes(net_of_idle=True)),
             "statements_per_ti": {
                 component: per(counts.statements + counts.transactions + counts.begins)
                 for component, counts in self.statements.items()
@@ -899,13 +912,21 @@ class AirflowDeployment:
         return pg_instruments.statement_evictions(self.probe), time.monotonic()
 
     def measure_idle(self, seconds: float) -> dict[str, float]:
-        """Return transactions per second by component while nothing runs, over ``seconds``."""
+        """
+        Return transactions per second by component while nothing runs, over ``seconds``.
+
+        The rate of writing transactions, server-wide, is under :data:`IDLE_WRITES_KEY`.
+        """
         self._statement_window()
+        writes_before = pg_instruments.write_transaction_counter(self.probe)
         started = time.monotonic()
         time.sleep(seconds)
         counts = pg_instruments.read_statements(self.probe, self.dbid, self.roles)
+        writes = pg_instruments.write_transaction_counter(self.probe) - writes_before
         elapsed = time.monotonic() - started
-        return {component: entry.transactions / elapsed for component, entry in counts.items()}
+        rates = {component: entry.transactions / elapsed for component, entry in counts.items()}
+        rates[IDLE_WRITES_KEY] = writes / elapsed
+        return rates
 
     @contextlib.contextmanager
     def measure(
@@ -928,6 +949,7 @@ class AirflowDeployment:
         idle = self.measure_idle(idle_seconds) if idle_seconds > 0 else dict(idle_rates or {})
         measurement = Measurement()
         database_before = pg_instruments.read_database_stats(self.probe, self.dbname)
+        writes_before = pg_instruments.write_transaction_counter(self.probe)
         pg_log_offset = self._pg_log_offset()
         api_log = self.components["api_server"].log_path
         api_offset = api_log.stat().st_size
@@ -950,6 +972,7 @@ class AirflowDeployment:
         cpu = self.cpu_delta(cpu_before, self.cpu_snapshot())
         sampler.resolve_tables(self.connection)
         database_after = pg_instruments.read_database_stats(self.probe, self.dbname)
+        writes = pg_instruments.write_transaction_counter(self.probe) - writes_before
         logged = None
         if pg_log_offset is not None:
             pid_roles.update(pg_instruments.pid_roles_of(self.probe, self.dbname))
@@ -969,6 +992,7 @@ class AirflowDeployment:
             idle_transactions_per_s=idle,
             window_s=window_s,
             database={key: database_after[key] - database_before[key] for key in database_after},
+            write_transactions=writes,
             statement_evictions=evictions,
             sampled_lock_waits=sampled,
             logged_lock_waits=logged,

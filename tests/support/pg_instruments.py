@@ -153,6 +153,19 @@ def read_statements(
     return counts
 
 
+def write_transaction_counter(probe: psycopg2.extensions.connection) -> int:
+    """
+    Return the server's next transaction id, which counts transactions that wrote.
+
+    PostgreSQL assigns a transaction id only on a transaction's first write, so the difference of
+    two readings is the number of writing transactions in between, in every database of the
+    server. Reading the snapshot's xmax assigns none itself.
+    """
+    with probe.cursor() as cur:
+        cur.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+        return int(cur.fetchone()[0])
+
+
 def read_database_stats(probe: psycopg2.extensions.connection, datname: str) -> dict[str, int]:
     """Return the cumulative ``pg_stat_database`` counters of one database."""
     with probe.cursor() as cur:

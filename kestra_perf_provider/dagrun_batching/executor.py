@@ -51,8 +51,9 @@ class BatchingLocalExecutor(LocalExecutor):
     """
     LocalExecutor whose task success updates are grouped by DAG run and applied in one transaction each.
 
-    Failed, up-for-retry, deferred, rescheduled and every other transition, as well as rendered fields,
-    XComs and heartbeats, take the stock API path. See ``docs/dagrun_batching.md``.
+    With ``fold_task_writes``, a task's rendered fields and return-value XCom commit with its success.
+    Failed, up-for-retry, deferred, rescheduled and every other transition, other XComs and later
+    heartbeats take the stock API path. See ``docs/dagrun_batching.md``.
     """
 
     def __init__(self, *args, **kwargs) -> None:

@@ -97,6 +97,18 @@ CONFIG_SECTION: dict[str, Any] = {
             "example": "3000",
             "default": "1000",
         },
+        "xcom_read_ahead": {
+            "description": (
+                "Number of a mapped task's results a supervisor fetches in one request when its task "
+                "reads them one by one, as a fan-in task iterating over them does. The stock task "
+                "sends one request per result. The supervisor keeps one such window in memory. "
+                "0 sends one request per result."
+            ),
+            "version_added": "0.1.0",
+            "type": "integer",
+            "example": "0",
+            "default": "64",
+        },
         "skip_start_heartbeat": {
             "description": (
                 "Answer the heartbeat a supervisor sends right after its task starts without a request: "
@@ -124,6 +136,7 @@ class BatchingSettings:
     fold_task_writes: bool = True
     max_write_hold_ms: int = 1000
     skip_start_heartbeat: bool = True
+    xcom_read_ahead: int = 64
 
     @property
     def linger_seconds(self) -> float:
@@ -188,4 +201,6 @@ def load_batching_settings(config: Any = None) -> BatchingSettings:
         skip_start_heartbeat=_parse_bool(
             "skip_start_heartbeat", _read_option("skip_start_heartbeat", config)
         ),
+        # The window lives in the supervisor's memory, so its number of values is capped.
+        xcom_read_ahead=_parse_int("xcom_read_ahead", _read_option("xcom_read_ahead", config), 0, 10_000),
     )

@@ -284,20 +284,32 @@ class BatchingTaskInstanceOperations(TaskInstanceOperations):
 
 class BatchingXComOperations(XComOperations):
     """
-    ``client.xcoms`` of a :class:`BatchingClient`: holds the task's own return value.
+    ``client.xcoms`` of a :class:`BatchingClient`: holds the task's own return value, reads ahead.
 
     Only the return value of the supervisor's own task instance is held: the task pushes it after
     ``execute()`` returns and reports success next, so nothing reads it in between. A value that
     feeds a mapped downstream task (``mapped_length`` set) is sent at once, because the API server
     checks its length against ``[core] max_map_length`` and the task must see that error.
+
+    A task that iterates over a mapped task's results (a fan-in) asks for them one item at a time.
+    With ``xcom_read_ahead``, the first item request of a window fetches the next
+    ``xcom_read_ahead`` items in one slice request, and the following item requests are served from
+    that window. Past the end of the results, the item request goes to the server, which answers
+    "not found" as before.
+
+    :param held: the client's held writes, or None when writes are not folded.
+    :param read_ahead: items fetched per slice request; 0 sends every item request.
     """
 
-    __slots__ = ("_held", "_ti")
+    __slots__ = ("_held", "_read_ahead", "_ti", "_window")
 
-    def __init__(self, client: Client, *, ti: Any, held: HeldWrites) -> None:
+    def __init__(self, client: Client, *, ti: Any, held: HeldWrites | None, read_ahead: int) -> None:
         super().__init__(client)
         self._ti = ti
         self._held = held
+        self._read_ahead = read_ahead
+        # (dag_id, run_id, task_id, key, first offset) and the values from that offset on.
+        self._window: tuple[tuple[str, str, str, str, int], list[Any]] | None = None
 
     def set(
         self,
@@ -313,7 +325,8 @@ class BatchingXComOperations(XComOperations):
     ):
         """Hold this task's return value to write it with its success; send any other XCom."""
         own = (
-            key == _RETURN_VALUE_KEY
+            self._held is not None
+            and key == _RETURN_VALUE_KEY
             and mapped_length is None
             and (dag_id, run_id, task_id) == (self._ti.dag_id, self._ti.run_id, self._ti.task_id)
             and _same_map_index(map_index, self._ti.map_index)
@@ -326,6 +339,30 @@ class BatchingXComOperations(XComOperations):
 
         self._held.hold_xcom(key, value, dag_result)
         return OKResponse(ok=True)
+
+    def get_sequence_item(self, dag_id: str, run_id: str, task_id: str, key: str, offset: int):
+        """Return one item of a mapped task's XComs, from the read-ahead window when it has it."""
+        if self._read_ahead <= 0 or offset < 0:
+            return super().get_sequence_item(dag_id, run_id, task_id, key, offset)
+
+        from airflow.sdk.api.datamodels._generated import XComSequenceIndexResponse
+
+        sequence = (dag_id, run_id, task_id, key)
+        if self._window is not None:
+            (*cached, start), values = self._window
+            if tuple(cached) == sequence and start <= offset < start + len(values):
+                return XComSequenceIndexResponse(root=values[offset - start])
+            if tuple(cached) == sequence and len(values) < self._read_ahead and offset >= start + len(values):
+                # The last window was short, so this offset is past the end: no slice request needed.
+                return super().get_sequence_item(dag_id, run_id, task_id, key, offset)
+
+        # The slice route orders by map index and offsets exactly as the item route does.
+        window = self.get_sequence_slice(dag_id, run_id, task_id, key, offset, offset + self._read_ahead, None)
+        self._window = ((*sequence, offset), list(window.root))
+        if not window.root:
+            # Past the end: the item route returns the "not found" the task expects.
+            return super().get_sequence_item(dag_id, run_id, task_id, key, offset)
+        return XComSequenceIndexResponse(root=window.root[0])
 
 
 def _same_map_index(requested: int | None, own: int | None) -> bool:
@@ -380,10 +417,8 @@ class BatchingClient(Client):
         self._batching_task_instances = BatchingTaskInstanceOperations(
             self, ti=ti, sender=sender, settings=settings, held=self._held
         )
-        self._batching_xcoms = (
-            BatchingXComOperations(self, ti=ti, held=self._held)
-            if self._held is not None
-            else XComOperations(self)
+        self._batching_xcoms = BatchingXComOperations(
+            self, ti=ti, held=self._held, read_ahead=settings.xcom_read_ahead
         )
 
     @property
@@ -393,17 +428,17 @@ class BatchingClient(Client):
 
     @property
     def xcoms(self) -> XComOperations:
-        """Operations on XComs, holding the task's own return value when writes are folded."""
+        """Operations on XComs: the task's own return value is held, mapped results are read ahead."""
         return self._batching_xcoms
 
     def request(self, method: str, url: Any, *args: Any, **kwargs: Any):
-        """Send what is held first, so the server sees the task's writes in the order it made them."""
+        """Send what is held first, so the server receives the task's writes in the order it made them."""
         if self._held is not None:
             try:
                 self._held.flush()
             except Exception:
-                # A write that failed must not keep the task instance from reaching its final state;
-                # any other request fails as the write's own request would have.
+                # A failed write must not keep the task instance from its final state. Any other
+                # request fails, as the write's own request would have.
                 if not (method == "PATCH" and str(url).endswith("/state")):
                     raise
                 log.warning("Held writes could not be sent before the state update.", exc_info=True)

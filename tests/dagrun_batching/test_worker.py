@@ -246,3 +246,66 @@ class TestHeldWrites:
         client.close()
 
         assert server.paths() == [f"/execution/task-instances/{ti.id}/rtif"]
+
+
+class SequenceServer(RecordingServer):
+    """Serves the item and slice routes over ``values``, as the XCom routes do, 404 past the end."""
+
+    def __init__(self, values: list) -> None:
+        super().__init__()
+        self.values = values
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        super().__call__(request)
+        path = request.url.path
+        if "/item/" in path:
+            offset = int(path.rsplit("/", 1)[1])
+            if offset >= len(self.values):
+                return httpx.Response(404, json={"detail": {"reason": "not_found", "message": "no XCom"}})
+            return httpx.Response(200, json=self.values[offset])
+        if path.endswith("/slice"):
+            start = int(request.url.params.get("start", 0))
+            stop = int(request.url.params.get("stop", len(self.values)))
+            return httpx.Response(200, json=self.values[start:stop])
+        return httpx.Response(201, json={"message": "ok"})
+
+
+class TestReadAhead:
+    def _iterate(self, client: BatchingClient) -> list:
+        """Read items until "not found", as a task iterating over a mapped task's results does."""
+        from airflow.sdk.execution_time.comms import ErrorResponse
+
+        values = []
+        while True:
+            item = client.xcoms.get_sequence_item("fanout", "run_1", "work", "return_value", len(values))
+            if isinstance(item, ErrorResponse):
+                return values
+            values.append(item.root)
+
+    def test_window_serves_items(self, ti):
+        server = SequenceServer([{"item": i} for i in range(10)])
+        client = _client(ti, server, xcom_read_ahead=4)
+
+        values = self._iterate(client)
+
+        assert values == [{"item": i} for i in range(10)]
+        slices = [path for path in server.paths() if path.endswith("/slice")]
+        items = [path for path in server.paths() if "/item/" in path]
+        assert len(slices) == 3  # [0, 4), [4, 8), [8, 12) which has 2
+        # Only the request past the end goes to the item route, which answers "not found".
+        assert items == ["/execution/xcoms/fanout/run_1/work/return_value/item/10"]
+
+    def test_read_ahead_off_sends_each_item(self, ti):
+        server = SequenceServer(list(range(5)))
+        client = _client(ti, server, xcom_read_ahead=0)
+
+        assert self._iterate(client) == list(range(5))
+        assert len(server.paths()) == 6
+        assert not any(path.endswith("/slice") for path in server.paths())
+
+    def test_empty_sequence_not_found(self, ti):
+        server = SequenceServer([])
+        client = _client(ti, server, xcom_read_ahead=8)
+
+        assert self._iterate(client) == []
+        assert server.paths()[-1] == "/execution/xcoms/fanout/run_1/work/return_value/item/0"

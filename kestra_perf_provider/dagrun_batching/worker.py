@@ -294,7 +294,7 @@ class BatchingXComOperations(XComOperations):
     A task that iterates over a mapped task's results (a fan-in) asks for them one item at a time.
     With ``xcom_read_ahead``, the first item request of a window fetches the next
     ``xcom_read_ahead`` items in one slice request, and the following item requests are served from
-    that window. Past the end of the results, the item request goes to the server, which answers
+    that window. Past the end of the results, the item request goes to the server, which returns
     "not found" as before.
 
     :param held: the client's held writes, or None when writes are not folded.

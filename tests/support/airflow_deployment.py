@@ -27,6 +27,7 @@ import datetime
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import shutil
@@ -79,11 +80,30 @@ class DeploymentError(RuntimeError):
     """A deployment failed to start, lost a component or timed out."""
 
 
+def _ephemeral_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default lower bound.
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """
+    Return a TCP port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
+
+    A port the kernel hands out for binding to port 0 comes from the ephemeral range, which every
+    outgoing connection also draws from, so one may take it before the component listens on it.
+    """
+    upper = _ephemeral_port_start()
+    for _ in range(200):
+        port = random.randrange(20000, upper)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise DeploymentError(f"no free TCP port on 127.0.0.1 between 20000 and {upper}")
 
 
 def admin_dsn(dbname: str = "postgres", user: str = PG_ADMIN_USER) -> str:

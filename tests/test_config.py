@@ -43,10 +43,30 @@ class TestDagRunBatchingSettings:
         assert settings.enabled is True
         assert settings.max_batch_size == 64
         assert settings.linger_seconds == pytest.approx(0.02)
+        assert settings.fold_task_writes is True
+        assert settings.max_write_hold_seconds == pytest.approx(1.0)
+        assert settings.skip_start_heartbeat is True
+        assert settings.xcom_read_ahead == 64
+
+    def test_environment_overrides_folding(self, monkeypatch):
+        monkeypatch.setenv("AIRFLOW__DAGRUN_BATCHING__FOLD_TASK_WRITES", "False")
+        monkeypatch.setenv("AIRFLOW__DAGRUN_BATCHING__XCOM_READ_AHEAD", "0")
+        settings = load_batching_settings()
+        assert settings.fold_task_writes is False
+        assert settings.xcom_read_ahead == 0
 
     @pytest.mark.parametrize(
         ("option", "value"),
-        [("LINGER_MS", "soon"), ("MAX_BATCH_SIZE", "0"), ("FALLBACK_TIMEOUT", "0"), ("ENABLED", "maybe")],
+        [
+            ("LINGER_MS", "soon"),
+            ("MAX_BATCH_SIZE", "0"),
+            ("FALLBACK_TIMEOUT", "0"),
+            ("ENABLED", "maybe"),
+            ("FOLD_TASK_WRITES", "sometimes"),
+            ("MAX_WRITE_HOLD_MS", "-1"),
+            ("SKIP_START_HEARTBEAT", "2"),
+            ("XCOM_READ_AHEAD", "10001"),
+        ],
     )
     def test_invalid_value_rejected(self, monkeypatch, option, value):
         monkeypatch.setenv(f"AIRFLOW__DAGRUN_BATCHING__{option}", value)

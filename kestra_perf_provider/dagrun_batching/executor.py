@@ -125,14 +125,21 @@ class BatchingLocalExecutor(LocalExecutor):
         # Workers finish their running tasks inside super().end(), and their updates still need the
         # coalescer, so batching stops only after it returns.
         try:
-            super().end()
+            if self._workers_started():
+                super().end()
         finally:
             self._stop_batching(_STOP_TIMEOUT_SECONDS)
 
     def terminate(self) -> None:
         """Stop batching at once; queued updates fall back to the API server."""
-        super().terminate()
+        if self._workers_started():
+            super().terminate()
         self._stop_batching(0.0)
+
+    def _workers_started(self) -> bool:
+        # start() raises before LocalExecutor.start() on invalid [dagrun_batching] settings, and the
+        # scheduler still calls end(); LocalExecutor's end() would then hide that error behind its own.
+        return hasattr(self, "workers")
 
     def _spawn_worker(self) -> None:
         if not self.batching_active:

@@ -101,8 +101,8 @@ CONFIG_SECTION: dict[str, Any] = {
             "description": (
                 "Number of a mapped task's results a supervisor fetches in one request when its task "
                 "reads them one by one, as a fan-in task iterating over them does. The stock task "
-                "sends one request per result. The supervisor keeps one such window in memory. "
-                "0 sends one request per result."
+                "sends one request per result. The supervisor keeps one window per mapped task it "
+                "reads, for up to 8 of them at once. 0 sends one request per result."
             ),
             "version_added": "0.1.0",
             "type": "integer",

@@ -45,6 +45,23 @@ log = logging.getLogger(__name__)
 
 _RETURN_VALUE_KEY = "return_value"
 
+# Sequences read ahead at once, such as zip() over several mapped tasks; each keeps one window.
+_MAX_READ_AHEAD_WINDOWS = 8
+
+
+def _is_strict_json(value: Any) -> bool:
+    """
+    Tell whether ``value`` encodes as strict JSON, as httpx encodes a request body.
+
+    The stock request fails in the task for NaN, infinities or a value JSON cannot encode, so the
+    task fails at once as before. Held, the value would fail only when its group is written.
+    """
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
 
 class HeldWrites:
     """
@@ -70,17 +87,31 @@ class HeldWrites:
         self._xcoms: list[dict[str, Any]] = []
         self._timer: threading.Timer | None = None
 
-    def hold_rendered_fields(self, body: dict[str, Any]) -> None:
-        """Hold the body of ``PUT /rtif``; a later body replaces it, as the server's upsert would."""
+    def hold_rendered_fields(self, body: dict[str, Any]) -> bool:
+        """
+        Hold the body of ``PUT /rtif``; a later body replaces it, as the server's upsert would.
+
+        :return: False, holding nothing, when the body is not strict JSON; the caller sends it at once.
+        """
+        if not _is_strict_json(body):
+            return False
         with self._lock:
             self._rendered_fields = body
             self._start_timer()
+        return True
 
-    def hold_xcom(self, key: str, value: Any, dag_result: bool) -> None:
-        """Hold one ``POST /xcoms`` of the task instance."""
+    def hold_xcom(self, key: str, value: Any, dag_result: bool) -> bool:
+        """
+        Hold one ``POST /xcoms`` of the task instance.
+
+        :return: False, holding nothing, when the value is not strict JSON; the caller sends it at once.
+        """
+        if not _is_strict_json(value):
+            return False
         with self._lock:
             self._xcoms.append({"key": key, "value": value, "dag_result": bool(dag_result)})
             self._start_timer()
+        return True
 
     def take(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """Remove and return what is held; the caller folds it into its update or passes it to :meth:`send`."""
@@ -234,7 +265,8 @@ class BatchingTaskInstanceOperations(TaskInstanceOperations):
             return super().set_rtif(id, body)
         from airflow.sdk.execution_time.comms import OKResponse
 
-        self._held.hold_rendered_fields(body)
+        if not self._held.hold_rendered_fields(body):
+            return super().set_rtif(id, body)
         return OKResponse(ok=True)
 
     def succeed(self, id: uuid.UUID, when: datetime, task_outlets, outlet_events, rendered_map_index):
@@ -301,15 +333,16 @@ class BatchingXComOperations(XComOperations):
     :param read_ahead: items fetched per slice request; 0 sends every item request.
     """
 
-    __slots__ = ("_held", "_read_ahead", "_ti", "_window")
+    __slots__ = ("_held", "_read_ahead", "_ti", "_windows")
 
     def __init__(self, client: Client, *, ti: Any, held: HeldWrites | None, read_ahead: int) -> None:
         super().__init__(client)
         self._ti = ti
         self._held = held
         self._read_ahead = read_ahead
-        # (dag_id, run_id, task_id, key, first offset) and the values from that offset on.
-        self._window: tuple[tuple[str, str, str, str, int], list[Any]] | None = None
+        # By (dag_id, run_id, task_id, key): the window's first offset and the values from there on.
+        # A fetched window is inserted last, so the one fetched longest ago is dropped first.
+        self._windows: dict[tuple[str, str, str, str], tuple[int, list[Any]]] = {}
 
     def set(
         self,
@@ -337,7 +370,8 @@ class BatchingXComOperations(XComOperations):
             )
         from airflow.sdk.execution_time.comms import OKResponse
 
-        self._held.hold_xcom(key, value, dag_result)
+        if not self._held.hold_xcom(key, value, dag_result):
+            return super().set(dag_id, run_id, task_id, key, value, map_index, dag_result=dag_result)
         return OKResponse(ok=True)
 
     def get_sequence_item(self, dag_id: str, run_id: str, task_id: str, key: str, offset: int):
@@ -348,17 +382,21 @@ class BatchingXComOperations(XComOperations):
         from airflow.sdk.api.datamodels._generated import XComSequenceIndexResponse
 
         sequence = (dag_id, run_id, task_id, key)
-        if self._window is not None:
-            (*cached, start), values = self._window
-            if tuple(cached) == sequence and start <= offset < start + len(values):
+        cached = self._windows.get(sequence)
+        if cached is not None:
+            start, values = cached
+            if start <= offset < start + len(values):
                 return XComSequenceIndexResponse(root=values[offset - start])
-            if tuple(cached) == sequence and len(values) < self._read_ahead and offset >= start + len(values):
+            if len(values) < self._read_ahead and offset >= start + len(values):
                 # The last window was short, so this offset is past the end: no slice request needed.
                 return super().get_sequence_item(dag_id, run_id, task_id, key, offset)
 
         # The slice route orders by map index and offsets exactly as the item route does.
         window = self.get_sequence_slice(dag_id, run_id, task_id, key, offset, offset + self._read_ahead, None)
-        self._window = ((*sequence, offset), list(window.root))
+        self._windows.pop(sequence, None)
+        self._windows[sequence] = (offset, list(window.root))
+        while len(self._windows) > _MAX_READ_AHEAD_WINDOWS:
+            del self._windows[next(iter(self._windows))]
         if not window.root:
             # Past the end: the item route returns the "not found" the task expects.
             return super().get_sequence_item(dag_id, run_id, task_id, key, offset)

@@ -239,6 +239,16 @@ class TestHeldWrites:
         client.close()  # The write is still held: the last chance to send it.
         assert server.paths()[-1] == f"/execution/task-instances/{ti.id}/rtif"
 
+    def test_nan_value_fails_at_once(self, ti, server):
+        client = _client(ti, server)
+
+        # httpx refuses NaN in a JSON body, so the stock push fails in the task before its success.
+        with pytest.raises(ValueError, match="JSON"):
+            client.xcoms.set(ti.dag_id, ti.run_id, ti.task_id, "return_value", float("nan"), ti.map_index)
+        client.task_instances.succeed(ti.id, _now(), [], [], None)
+
+        assert _sender(client).updates[0].xcoms == ()
+
     def test_close_sends_what_is_held(self, ti, server):
         client = _client(ti, server)
         client.task_instances.set_rtif(ti.id, {"bash_command": "echo 1"})
@@ -294,6 +304,19 @@ class TestReadAhead:
         assert len(slices) == 3  # [0, 4), [4, 8), [8, 12) which has 2
         # Only the request past the end goes to the item route, which answers "not found".
         assert items == ["/execution/xcoms/fanout/run_1/work/return_value/item/10"]
+
+    def test_alternating_sequences_keep_windows(self, ti):
+        server = SequenceServer(list(range(6)))
+        client = _client(ti, server, xcom_read_ahead=8)
+
+        # zip() over two mapped tasks reads one item of each in turn.
+        for offset in range(6):
+            for task_id in ("work", "other"):
+                item = client.xcoms.get_sequence_item("fanout", "run_1", task_id, "return_value", offset)
+                assert item.root == offset
+
+        slices = [path for path in server.paths() if path.endswith("/slice")]
+        assert len(slices) == 2
 
     def test_read_ahead_off_sends_each_item(self, ti):
         server = SequenceServer(list(range(5)))

@@ -24,7 +24,8 @@ for one success update, in this order:
 Asset listeners (``on_asset_changed``, ``on_asset_event_emitted``) run after the commit, as they do
 on the API server. A transient database error (deadlock, serialization failure, lost connection)
 rolls the group back and retries it with exponential backoff until the group's deadline; after
-that, or on any other error, every update of the group falls back to the stock API path.
+that, every update of the group falls back to the stock API path. Any other error rolls the group
+back and applies its updates one transaction each, so only the update that fails falls back.
 """
 
 from __future__ import annotations
@@ -132,10 +133,21 @@ class GroupApplier:
                 return self.apply_once(key, updates, attempt=attempt)
             except Exception as err:
                 if not is_retryable(err):
+                    unique = list({upd.identity: upd for upd in updates}.values())
+                    if len(unique) > 1:
+                        # One update's data can fail the whole transaction (a value the database
+                        # rejects); applied one by one, only that update falls back.
+                        log.exception(
+                            "Group apply failed with a non-transient error; applying its %d updates "
+                            "one by one. dag_id=%s run_id=%s",
+                            len(unique),
+                            *key,
+                        )
+                        return self._apply_one_by_one(key, unique, deadline)
                     log.exception(
-                        "Group apply failed with a non-transient error; %d updates fall back. "
+                        "Update apply failed with a non-transient error; it falls back. ti_id=%s "
                         "dag_id=%s run_id=%s",
-                        len(updates),
+                        unique[0].ti_id,
                         *key,
                     )
                     return _all(updates, Outcome.fell_back(f"apply failed: {type(err).__name__}"))
@@ -163,6 +175,14 @@ class GroupApplier:
                 self._metrics.group_retried()
                 time.sleep(pause)
                 delay = min(delay * 2, self._retry_max_delay)
+
+    def _apply_one_by_one(
+        self, key: GroupKey, updates: Sequence[StateUpdate], deadline: float
+    ) -> dict[tuple, Outcome]:
+        outcomes: dict[tuple, Outcome] = {}
+        for upd in updates:
+            outcomes.update(self(key, [upd], deadline))
+        return outcomes
 
     def apply_once(self, key: GroupKey, updates: Sequence[StateUpdate], *, attempt: int = 1) -> dict:
         """

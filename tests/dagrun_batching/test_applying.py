@@ -434,6 +434,22 @@ class TestGroupApplier:
         assert metrics.retries == 0
         assert _success_logs(engine, key[1]) == {}
 
+    def test_rejected_value_falls_back_alone(self, engine, session_factory, dag_run):
+        poisoned, other = dag_run["plain_5"], dag_run["plain_1"]
+        # Valid JSON that PostgreSQL's jsonb rejects: it stores no NUL character.
+        bad = _update(poisoned, xcoms=({"key": "return_value", "value": "a\u0000b", "dag_result": False},))
+        good = _update(other, xcoms=({"key": "return_value", "value": 7, "dag_result": False},))
+        metrics = RecordingMetrics()
+
+        outcomes = GroupApplier(session_factory, metrics=metrics)(_group_key(dag_run), [bad, good], _deadline())
+
+        assert outcomes[bad.identity].kind is OutcomeKind.FELL_BACK
+        assert outcomes[good.identity].kind is OutcomeKind.APPLIED
+        assert metrics.retries == 0
+        assert _success_logs(engine, other.run_id) == {"plain_1": 1}
+        xcoms = _rows(engine, other.run_id, "SELECT task_id, value FROM xcom WHERE run_id = :run_id")
+        assert [tuple(row) for row in xcoms] == [("plain_1", 7)]
+
     def test_invalid_partition_key_falls_back(self, engine, session_factory, dag_run):
         ti = dag_run["produce_0"]
         bad = _update(ti)

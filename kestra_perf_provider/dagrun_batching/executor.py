@@ -11,6 +11,7 @@ and is LocalExecutor, unchanged.
 
 from __future__ import annotations
 
+import glob
 import multiprocessing
 import os
 import shutil
@@ -39,6 +40,43 @@ worker loop of these versions; either may change in another series.
 
 # Seconds end() waits for groups in flight before their updates fall back.
 _STOP_TIMEOUT_SECONDS = 30.0
+
+SOCKET_DIR_PREFIX = "airflow-dagrun-batching-"
+"""Prefix of the private temporary folder that holds a scheduler's update socket and its pid file."""
+
+_PID_FILE = "scheduler.pid"
+
+
+def remove_stale_socket_dirs(parent: str | None = None) -> list[str]:
+    """
+    Remove the socket folders of schedulers that are gone, and return their paths.
+
+    A scheduler removes its own folder when it stops, but not when it is killed. A folder whose pid
+    file names a process that no longer exists is stale. A folder without a readable pid file (another
+    user's, or one whose scheduler is still creating it) is left alone.
+    """
+    removed = []
+    for path in glob.glob(os.path.join(parent or tempfile.gettempdir(), f"{SOCKET_DIR_PREFIX}*")):
+        try:
+            with open(os.path.join(path, _PID_FILE)) as handle:
+                pid = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if _process_exists(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # Another user's process.
+    return True
 
 
 def batching_supported(airflow_version: str) -> bool:
@@ -91,7 +129,11 @@ class BatchingLocalExecutor(LocalExecutor):
         # The socket path must be known before the workers are forked, but the socket is served only
         # afterwards, so no worker inherits it. A worker that finishes a task before the receiver runs
         # finds no socket and sends its update to the API server.
-        self._socket_dir = tempfile.mkdtemp(prefix="airflow-dagrun-batching-")
+        for stale in remove_stale_socket_dirs():
+            self.log.info("Removed the socket folder of a scheduler that is gone: %s", stale)
+        self._socket_dir = tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX)
+        with open(os.path.join(self._socket_dir, _PID_FILE), "w") as handle:
+            handle.write(str(os.getpid()))
         self._sender = UnixSocketSender(os.path.join(self._socket_dir, "updates.sock"))
         super().start()
 

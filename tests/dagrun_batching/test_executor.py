@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
 from kestra_perf_provider.dagrun_batching.exceptions import DagRunBatchingConfigError
@@ -19,3 +22,28 @@ def test_invalid_setting_stops_start_cleanly(monkeypatch):
     executor.end()
     executor.terminate()
     assert executor.batching_active is False
+
+
+def test_stale_socket_folders_removed(tmp_path):
+    from kestra_perf_provider.dagrun_batching.executor import SOCKET_DIR_PREFIX, remove_stale_socket_dirs
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    stale = tmp_path / f"{SOCKET_DIR_PREFIX}stale"
+    live = tmp_path / f"{SOCKET_DIR_PREFIX}live"
+    unknown = tmp_path / f"{SOCKET_DIR_PREFIX}starting"
+    other = tmp_path / "unrelated"
+    for folder, pid in ((stale, finished.pid), (live, os.getpid()), (unknown, None), (other, finished.pid)):
+        folder.mkdir()
+        (folder / "updates.sock").write_text("")
+        if pid is not None:
+            (folder / "scheduler.pid").write_text(str(pid))
+
+    removed = remove_stale_socket_dirs(str(tmp_path))
+
+    assert removed == [str(stale)]
+    assert not stale.exists()
+    # A live scheduler's folder, one still being created (no pid yet) and other folders stay.
+    assert live.exists()
+    assert unknown.exists()
+    assert other.exists()

@@ -224,6 +224,8 @@ class TestBatchingLocalExecutor:
 
             # Only the scheduler dies: its workers and the task supervisors live on, as in a crash of
             # the scheduler process alone, and must send their pending updates themselves.
+            old_socket = re.search(r"DAG-run batching is on: .*?socket=(\S+)", _scheduler_log(deployment))
+            assert old_socket is not None
             deployment.kill("scheduler", whole_group=False)
             _end_dead_scheduler_sessions(deployment)
             deployment.start("scheduler")
@@ -234,6 +236,8 @@ class TestBatchingLocalExecutor:
             # LocalExecutor. Each task instance must still have exactly one success.
             _assert_run_complete(deployment, run_id, first_try=False)
             assert api.state_patches() >= 1
+            # The new scheduler removed the killed one's socket folder when it started.
+            assert not Path(old_socket.group(1)).parent.exists()
 
     def test_cleared_while_waiting_is_conflict(self, tmp_path: Path):
         markers = tmp_path / "held"

@@ -42,7 +42,7 @@ worker loop of these versions; either may change in another series.
 _STOP_TIMEOUT_SECONDS = 30.0
 
 SOCKET_DIR_PREFIX = "airflow-dagrun-batching-"
-"""Prefix of the private temporary folder that holds a scheduler's update socket and its pid file."""
+"""Prefix of the private temporary folder that contains a scheduler's update socket and its pid file."""
 
 _PID_FILE = "scheduler.pid"
 

@@ -113,8 +113,8 @@ def _assert_writes_folded(deployment: AirflowDeployment, api: ApiLog, *, runs: i
     assert routes.get("PUT /execution/task-instances/{id}/rtif", 0) == 2 * runs, routes
     # Tasks this short send no heartbeat: PATCH /run recorded the first one.
     assert routes.get("PUT /execution/task-instances/{id}/heartbeat", 0) == 0, routes
-    # fan_in reads its 12 inputs through one slice request; only the read past the end, which
-    # ends its iteration with "not found", goes to the item route.
+    # fan_in reads its 12 inputs through one slice request. Only the read past the end goes to the
+    # item route, whose "not found" ends the iteration.
     assert routes.get("GET /execution/xcoms/{id}/{id}/{id}/{id}/slice", 0) == runs, routes
     assert routes.get("GET /execution/xcoms/{id}/{id}/{id}/{id}/item/{id}", 0) == runs, routes
     posted = Counter(api.xcom_posts())
@@ -247,9 +247,9 @@ class TestBatchingLocalExecutor:
         ) as deployment:
             run_id = deployment.trigger("fanout", conf={"n": 4})
             deadline = time.monotonic() + RUN_TIMEOUT
-            # work[0] logs "Pushing xcom" just before it reports success; its return value is held
-            # with that update, and the second held group (the first is the items task's) holds the
-            # mapped tasks' updates back.
+            # work[0] logs "Pushing xcom" just before it reports success, with its return value
+            # folded into that update. The second delayed group (the first is the items task's)
+            # keeps the mapped tasks' updates waiting.
             task_logs = deployment.home / "logs" / "dag_id=fanout" / f"run_id={run_id}" / "task_id=work"
             while time.monotonic() < deadline:
                 pushed = [

@@ -302,7 +302,7 @@ class TestReadAhead:
         slices = [path for path in server.paths() if path.endswith("/slice")]
         items = [path for path in server.paths() if "/item/" in path]
         assert len(slices) == 3  # [0, 4), [4, 8), [8, 12) which has 2
-        # Only the request past the end goes to the item route, which answers "not found".
+        # Only the request past the end goes to the item route, which returns "not found".
         assert items == ["/execution/xcoms/fanout/run_1/work/return_value/item/10"]
 
     def test_alternating_sequences_keep_windows(self, ti):

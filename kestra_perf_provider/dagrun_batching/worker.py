@@ -69,8 +69,8 @@ class HeldWrites:
 
     One lock orders everything: the client takes it before each request to send what is held first,
     the timer takes it to send writes held for too long, and ``succeed()`` takes it to move the held
-    writes into its update. A write is therefore sent at most once, and never after a request the
-    task made later.
+    writes into its update. Writes are held only by the supervisor's own thread, between its
+    requests, so a write is sent at most once and never after a request the task made later.
 
     :param client: the client whose stock operations send the writes.
     :param ti: the task instance the supervisor runs.
@@ -245,18 +245,17 @@ class BatchingTaskInstanceOperations(TaskInstanceOperations):
 
         The supervisor sends its first heartbeat as soon as the task starts, then one every
         ``[workers] min_heartbeat_interval``. ``PATCH /run`` has just set ``last_heartbeat_at`` and
-        checked the host and pid, so the first heartbeat inside that interval tells the server nothing.
+        checked the host and pid, so the first heartbeat inside that interval would record the same.
         """
-        started_at = self._started_at
+        # Only the first heartbeat after start may be skipped; later ones keep stock timing.
+        started_at, self._started_at = self._started_at, None
         if (
             self._settings.skip_start_heartbeat
             and id == self._ti.id
             and started_at is not None
             and time.monotonic() - started_at < self._min_heartbeat_interval
         ):
-            self._started_at = None  # Only the first: later ones keep stock timing.
             return None
-        self._started_at = None
         return super().heartbeat(id, pid)
 
     def set_rtif(self, id: uuid.UUID, body: dict[str, str]):
@@ -316,7 +315,7 @@ class BatchingTaskInstanceOperations(TaskInstanceOperations):
 
 class BatchingXComOperations(XComOperations):
     """
-    ``client.xcoms`` of a :class:`BatchingClient`: holds the task's own return value, reads ahead.
+    ``client.xcoms`` of a :class:`BatchingClient`: keeps back the task's return value, reads ahead.
 
     Only the return value of the supervisor's own task instance is held: the task pushes it after
     ``execute()`` returns and reports success next, so nothing reads it in between. A value that

@@ -301,7 +301,7 @@ class TestReadAhead:
         assert values == [{"item": i} for i in range(10)]
         slices = [path for path in server.paths() if path.endswith("/slice")]
         items = [path for path in server.paths() if "/item/" in path]
-        assert len(slices) == 3  # [0, 4), [4, 8), [8, 12) which has 2
+        assert len(slices) == 3  # Slices [0, 4), [4, 8) and [8, 12), the last with 2 items.
         # Only the request past the end goes to the item route, which returns "not found".
         assert items == ["/execution/xcoms/fanout/run_1/work/return_value/item/10"]
 
